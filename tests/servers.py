@@ -1,0 +1,124 @@
+"""Run real servers on loopback for tests: uvicorn in a background thread, or in a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    url: str
+    port: int
+    server: uvicorn.Server
+    thread: threading.Thread
+    loop: Any = field(default=None)
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    app: Any, *, loop: str = "asyncio", lifespan: str = "on", **config: Any
+) -> Iterator[RunningServer]:
+    """Serve ``app`` with a real uvicorn server on 127.0.0.1 in a background thread.
+
+    ``loop`` is uvicorn's loop setting ("asyncio" or "uvloop"). Yields once the server
+    accepts connections; on exit asks the server to stop and joins its thread.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    cfg = uvicorn.Config(
+        app, loop=loop, lifespan=lifespan, log_level="warning", access_log=False, **config
+    )
+    server = uvicorn.Server(cfg)
+    holder: dict[str, Any] = {}
+
+    def run() -> None:
+        import asyncio
+
+        if loop == "uvloop":
+            import uvloop
+
+            new_loop = uvloop.new_event_loop()
+        else:
+            new_loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(new_loop)
+        holder["loop"] = new_loop
+        try:
+            new_loop.run_until_complete(server.serve(sockets=[sock]))
+        finally:
+            new_loop.close()
+
+    thread = threading.Thread(target=run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn server thread died during startup")
+        if time.monotonic() > deadline:
+            raise RuntimeError("uvicorn server did not start within 10 s")
+        time.sleep(0.005)
+    running = RunningServer(
+        url=f"http://127.0.0.1:{port}", port=port, server=server, thread=thread,
+        loop=holder.get("loop"),
+    )
+    try:
+        yield running
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@contextlib.contextmanager
+def serve_in_subprocess(
+    args: list[str], *, port: int, env: dict[str, str] | None = None, timeout: float = 20.0,
+    path: str = "/",
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``python args...`` in a subprocess and wait until ``port`` answers HTTP on ``path``."""
+    import httpx
+
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.Popen(
+        [sys.executable, *args], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+                raise RuntimeError(f"server exited early with {proc.returncode}:\n{out}")
+            try:
+                httpx.get(f"http://127.0.0.1:{port}{path}", timeout=0.5)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server on port {port} did not answer within {timeout} s")
+                time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
