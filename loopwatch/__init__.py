@@ -1,0 +1,27 @@
+"""loopwatch: find what blocks your asyncio event loop.
+
+Measures event-loop lag, loop busy time and per-request blocking time, catches every block
+with the exact line that blocked and a hint for the async replacement, and exports it all as
+Prometheus metrics.
+"""
+
+from ._attribution import Owner, owner_scope
+from ._config import Config
+from ._events import BlockEvent, Frame
+from ._monitor import Monitor, get_monitor
+from ._watch import Watch, watch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockEvent",
+    "Config",
+    "Frame",
+    "Monitor",
+    "Owner",
+    "Watch",
+    "__version__",
+    "get_monitor",
+    "owner_scope",
+    "watch",
+]

@@ -1,0 +1,157 @@
+"""The one configuration object of the loop monitor, validated when it is created."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["Config"]
+
+# name -> (type, default, human description of what is allowed)
+_OPTIONS: dict[str, tuple[type, Any, str]] = {
+    "block_threshold": (float, 0.1, "a number of seconds > 0 and <= 60"),
+    "probe_interval": (float, 0.01, "a number of seconds > 0 and below block_threshold"),
+    "stack_depth": (int, 50, "an integer from 1 to 1000"),
+    "ring_size": (int, 100, "an integer from 1 to 100000"),
+    "log_blocks": (bool, True, "True or False"),
+    "sample_stacks": (bool, True, "True or False"),
+}
+
+_ENV_PREFIX = "LOOPWATCH_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bad(name: str, value: Any) -> ValueError:
+    allowed = _OPTIONS[name][2]
+    return ValueError(f"loopwatch: invalid {name}={value!r}; allowed: {allowed}")
+
+
+class Config:
+    """Settings of a loop monitor.
+
+    * ``block_threshold`` — a single callback or task step that holds the loop longer than
+      this many seconds is a *block* (default 0.1 s, asyncio's own slow-callback default).
+    * ``probe_interval`` — how often the lag probe fires, in seconds (default 0.01 s).
+    * ``stack_depth`` — at most this many frames are kept per block event.
+    * ``ring_size`` — how many recent block events are kept in memory.
+    * ``log_blocks`` — log one WARNING on the ``loopwatch`` logger per block.
+    * ``sample_stacks`` — run the watchdog thread that samples the blocking stack.
+
+    A bad value raises :class:`ValueError` naming the option, the value and what is allowed.
+    """
+
+    __slots__ = tuple(_OPTIONS)
+
+    block_threshold: float
+    probe_interval: float
+    stack_depth: int
+    ring_size: int
+    log_blocks: bool
+    sample_stacks: bool
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"loopwatch: unknown option {unknown[0]!r}; allowed options: "
+                + ", ".join(sorted(_OPTIONS))
+            )
+        for name, (kind, default, _) in _OPTIONS.items():
+            value = options.get(name, default)
+            object.__setattr__(self, name, _coerce(name, kind, value))
+        if not self.probe_interval < self.block_threshold:
+            raise ValueError(
+                f"loopwatch: invalid probe_interval={self.probe_interval!r}; allowed: a number "
+                f"of seconds > 0 and below block_threshold ({self.block_threshold!r})"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Build a config from ``LOOPWATCH_*`` environment variables, then ``overrides``.
+
+        ``LOOPWATCH_BLOCK_THRESHOLD=0.05`` sets ``block_threshold``, and so on. A bad value
+        raises :class:`ValueError` naming the variable.
+        """
+        env = os.environ if environ is None else environ
+        options: dict[str, Any] = {}
+        for name, (kind, _, allowed) in _OPTIONS.items():
+            var = _ENV_PREFIX + name.upper()
+            raw = env.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            try:
+                options[name] = _parse(kind, raw.strip())
+            except ValueError:
+                raise ValueError(
+                    f"loopwatch: invalid environment variable {var}={raw!r}; allowed: {allowed}"
+                ) from None
+        options.update(overrides)
+        try:
+            return cls(**options)
+        except ValueError as exc:
+            # Name the variable when the bad value came from the environment.
+            for name in options:
+                if name not in overrides and f" {name}=" in str(exc):
+                    raise ValueError(
+                        f"{exc} (from environment variable {_ENV_PREFIX + name.upper()})"
+                    ) from None
+            raise
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some options changed, validated like a new config."""
+        options = {name: getattr(self, name) for name in _OPTIONS}
+        options.update(changes)
+        return Config(**options)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("loopwatch.Config is immutable; use .replace(...)")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Config):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in _OPTIONS)
+
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, n) for n in _OPTIONS))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{n}={getattr(self, n)!r}" for n in _OPTIONS)
+        return f"Config({args})"
+
+
+def _parse(kind: type, raw: str) -> Any:
+    if kind is bool:
+        low = raw.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(raw)
+    return kind(raw)
+
+
+def _coerce(name: str, kind: type, value: Any) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise _bad(name, value)
+        return value
+    # bool is an int subclass; True is never a sensible threshold.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(name, value)
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise _bad(name, value)
+        value = int(value)
+        low, high = {"stack_depth": (1, 1000), "ring_size": (1, 100_000)}[name]
+        if not low <= value <= high:
+            raise _bad(name, value)
+        return value
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise _bad(name, value)
+    if name == "block_threshold" and value > 60:
+        raise _bad(name, value)
+    return value

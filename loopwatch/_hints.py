@@ -1,0 +1,107 @@
+"""Known blocking calls and the async replacement to suggest for each.
+
+The watchdog matches a stack sampled while the loop was blocked. Library frames are matched
+by module name (``requests.sessions``, ``subprocess``); calls into C, which leave no frame of
+their own, are matched on the source line of the innermost Python frame (``time.sleep(...)``).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Sequence
+
+from ._events import Frame
+
+__all__ = ["CPU_HINT", "GIL_HINT", "hint_for"]
+
+REQUESTS_HINT = (
+    "requests is synchronous and blocks the event loop: use a shared httpx.AsyncClient "
+    "and `await client.get(...)`"
+)
+HTTPX_SYNC_HINT = (
+    "httpx.Client / httpx.get() are synchronous: use a shared httpx.AsyncClient "
+    "and `await client.get(...)`"
+)
+URLLIB_HINT = "urllib/http.client are synchronous: use httpx.AsyncClient and `await client.get(...)`"
+SLEEP_HINT = "time.sleep() blocks the event loop: use `await asyncio.sleep(...)`"
+FILE_HINT = (
+    "blocking file I/O (open().read/write): use `await asyncio.to_thread(...)` or aiofiles"
+)
+SUBPROCESS_HINT = (
+    "subprocess.run/check_output/call block until the child exits: use "
+    "`await asyncio.create_subprocess_exec(...)`"
+)
+PSYCOPG2_HINT = "psycopg2 is synchronous: use asyncpg or SQLAlchemy's AsyncSession"
+PYMONGO_HINT = "pymongo is synchronous: use motor (the async MongoDB driver)"
+SOCKET_HINT = (
+    "a blocking socket call: use asyncio streams (`await asyncio.open_connection(...)`) "
+    "or loop.sock_recv/sock_sendall"
+)
+CPU_HINT = (
+    "CPU-bound Python code is running on the event loop: move it to a process pool "
+    "(`await loop.run_in_executor(process_pool, fn, ...)`) or, for short work, "
+    "`await asyncio.to_thread(fn, ...)`"
+)
+GIL_HINT = (
+    "a C call held the GIL for the whole block (CPU-bound, e.g. a large sum(), regex or "
+    "JSON parse): run it in a process pool with `await loop.run_in_executor(...)`"
+)
+
+# (module prefix, hint): a frame whose module starts with the prefix names the culprit.
+# Ordered: the first rule matching any frame wins, so specific libraries come before the
+# generic socket and file layers they are built on.
+_MODULE_RULES: tuple[tuple[str, str], ...] = (
+    ("requests", REQUESTS_HINT),
+    ("urllib3", REQUESTS_HINT),
+    ("httpx._api", HTTPX_SYNC_HINT),
+    ("psycopg2", PSYCOPG2_HINT),
+    ("psycopg", PSYCOPG2_HINT),
+    ("pymongo", PYMONGO_HINT),
+    ("subprocess", SUBPROCESS_HINT),
+    ("urllib.request", URLLIB_HINT),
+    ("http.client", URLLIB_HINT),
+)
+
+# Source-line patterns for calls into C, tried on the innermost frames.
+_LINE_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\bsleep\s*\("), SLEEP_HINT),
+    (re.compile(r"\b(requests|session)\.(get|post|put|patch|delete|head|request)\s*\("), REQUESTS_HINT),
+    (re.compile(r"\bsubprocess\.\w+\s*\(|\bos\.(system|popen|wait)\s*\("), SUBPROCESS_HINT),
+    (re.compile(r"\.(recv|recv_into|recvfrom|sendall|accept|connect)\s*\(|\bcreate_connection\s*\("),
+     SOCKET_HINT),
+    (re.compile(r"\bopen\s*\(|\.(read|readline|readlines|write|read_text|read_bytes|write_text|"
+                r"write_bytes)\s*\("), FILE_HINT),
+)
+
+_DB_LINE = re.compile(r"\.(execute|executemany|fetchone|fetchall|fetchmany|commit)\s*\(")
+_MONGO_LINE = re.compile(r"\.(find|find_one|insert_one|insert_many|update_one|aggregate)\s*\(")
+
+
+def hint_for(frames: Sequence[Frame], lines: Sequence[str], cpu_bound: bool) -> str | None:
+    """The async replacement for what ``frames`` (innermost first) were blocked in.
+
+    ``lines`` holds the source text of the innermost frames, in the same order (it may be
+    shorter); ``cpu_bound`` says whether the loop thread was seen executing different
+    bytecode in two samples of the same block.
+    """
+    for frame in frames:
+        if frame.module == "httpx._client" and frame.function.startswith("Client."):
+            return HTTPX_SYNC_HINT
+        for prefix, hint in _MODULE_RULES:
+            if frame.module == prefix or frame.module.startswith(prefix + "."):
+                return hint
+    for text in lines[:2]:
+        if _DB_LINE.search(text) and ("psycopg2" in sys.modules or "psycopg" in sys.modules):
+            return PSYCOPG2_HINT
+        if _MONGO_LINE.search(text) and "pymongo" in sys.modules:
+            return PYMONGO_HINT
+        for pattern, hint in _LINE_RULES:
+            if pattern.search(text):
+                return hint
+    for frame in frames:
+        if frame.module in ("socket", "ssl", "selectors"):
+            return SOCKET_HINT
+    if cpu_bound:
+        return CPU_HINT
+    return None

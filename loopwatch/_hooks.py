@@ -1,0 +1,145 @@
+"""Timing every step of a loop: a ``Handle._run`` wrapper on asyncio, a task factory on uvloop.
+
+Stock asyncio runs every callback, and so every task step, through the pure-Python
+``asyncio.events.Handle._run``: one class-level wrapper there sees everything for well under
+a microsecond. uvloop's handles are Cython classes that never call it, so on uvloop the
+monitor installs a task factory that wraps each task's coroutine and times each ``send`` /
+``throw`` — every task step, which is where all ASGI application code runs.
+
+Both paths do the same thing around a step: note its start where the watchdog can see it,
+run it, add its duration to the loop's busy time and to the owner found in the step's
+context, and hand anything longer than the threshold to the monitor as a block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc
+import time
+from contextvars import Context
+from typing import TYPE_CHECKING, Any
+
+from ._attribution import current_owner
+
+if TYPE_CHECKING:
+    from ._monitor import Monitor
+
+__all__ = ["install_handle_hook", "uninstall_handle_hook", "TimedCoroutine", "make_task_factory"]
+
+_clock = time.perf_counter
+_Handle = asyncio.events.Handle
+_original_run = _Handle._run
+
+# loop -> monitor, for every loop whose steps are timed through Handle._run.
+_handle_monitors: dict[asyncio.AbstractEventLoop, Monitor] = {}
+_monitor_for = _handle_monitors.get
+_owner_var = current_owner
+
+
+def _timed_run(self: asyncio.Handle) -> None:
+    mon = _monitor_for(self._loop)  # type: ignore[attr-defined]
+    if mon is None:
+        _original_run(self)
+        return
+    t0 = _clock()
+    mon.step_start = t0
+    try:
+        _original_run(self)
+    finally:
+        dt = _clock() - t0
+        mon.step_start = 0.0
+        mon.busy += dt
+        ctx: Context = self._context  # type: ignore[attr-defined]
+        owner = ctx.get(_owner_var)
+        if owner is not None:
+            owner.busy += dt
+        if dt >= mon.threshold:
+            mon.on_block(t0, dt, owner, self._callback)  # type: ignore[attr-defined]
+
+
+def install_handle_hook(loop: asyncio.AbstractEventLoop, monitor: Monitor) -> None:
+    _handle_monitors[loop] = monitor
+    if _Handle._run is not _timed_run:
+        _Handle._run = _timed_run  # type: ignore[method-assign]
+
+
+def uninstall_handle_hook(loop: asyncio.AbstractEventLoop) -> None:
+    _handle_monitors.pop(loop, None)
+    if not _handle_monitors and _Handle._run is _timed_run:
+        _Handle._run = _original_run  # type: ignore[method-assign]
+
+
+def handle_hook_works() -> bool:
+    """Whether the running Python's Handle._run can be wrapped (pure Python on 3.10–3.13)."""
+    return isinstance(_original_run, type(_timed_run))
+
+
+class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
+    """Wraps a task's coroutine and times each step (used where Handle._run is not used).
+
+    Everything a caller can observe is delegated to the wrapped coroutine: results,
+    exceptions, cancellation, ``cr_frame`` (so ``Task.get_stack()`` works) and its name.
+    """
+
+    __slots__ = ("_coro", "_monitor", "__weakref__")
+
+    def __init__(self, coro: Any, monitor: Monitor) -> None:
+        self._coro = coro
+        self._monitor = monitor
+
+    def send(self, value: Any) -> Any:
+        mon = self._monitor
+        t0 = _clock()
+        mon.step_start = t0
+        try:
+            return self._coro.send(value)
+        finally:
+            self._account(mon, t0)
+
+    def throw(self, *args: Any) -> Any:
+        mon = self._monitor
+        t0 = _clock()
+        mon.step_start = t0
+        try:
+            return self._coro.throw(*args)
+        finally:
+            self._account(mon, t0)
+
+    def _account(self, mon: Monitor, t0: float) -> None:
+        dt = _clock() - t0
+        mon.step_start = 0.0
+        if not mon.active:
+            return
+        mon.busy += dt
+        owner = _owner_var.get()
+        if owner is not None:
+            owner.busy += dt
+        if dt >= mon.threshold:
+            mon.on_block(t0, dt, owner, asyncio.current_task())
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Any:
+        return self._coro.__await__()
+
+    def __getattr__(self, name: str) -> Any:
+        # cr_frame (Task.get_stack), cr_running, cr_await, cr_code, __name__, __qualname__
+        return getattr(self._coro, name)
+
+    def __repr__(self) -> str:
+        return repr(self._coro)
+
+
+def make_task_factory(monitor: Monitor, previous: Any) -> Any:
+    """A task factory that times each task's steps, then defers to ``previous`` (if any)."""
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        if monitor.active and not isinstance(coro, TimedCoroutine):
+            coro = TimedCoroutine(coro, monitor)
+        if previous is not None:
+            return previous(loop, coro, **kwargs)  # type: ignore[no-any-return]
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    factory.loopwatch_previous = previous  # type: ignore[attr-defined]
+    return factory

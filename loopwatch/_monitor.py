@@ -1,0 +1,340 @@
+"""The loop monitor: lag probe, busy time, step timing and block events for one event loop.
+
+It knows nothing of HTTP or Prometheus. Views onto it (the metrics, the middleware, the pytest
+plugin, :func:`watch`) subscribe as *sinks* and get called on the loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from typing import Any, Protocol
+
+from ._attribution import Owner
+from ._config import Config
+from ._events import BlockEvent
+from ._hooks import (
+    handle_hook_works,
+    install_handle_hook,
+    make_task_factory,
+    uninstall_handle_hook,
+)
+from ._watchdog import DISABLED, NOT_SAMPLED, Sample, Watchdog
+
+__all__ = ["Monitor", "Sink", "get_monitor"]
+
+logger = logging.getLogger("loopwatch")
+
+_clock = time.perf_counter
+_monitors: dict[asyncio.AbstractEventLoop, Monitor] = {}
+_TICK_SECONDS = 1.0
+
+
+class Sink(Protocol):
+    """What the monitor calls, on the loop thread. Every method is optional."""
+
+    def on_probe(self, lag: float, busy_delta: float) -> None: ...
+    def on_block(self, event: BlockEvent) -> None: ...
+    def on_tick(self) -> None: ...
+
+
+def get_monitor(loop: asyncio.AbstractEventLoop | None = None) -> Monitor | None:
+    """The monitor running on ``loop`` (default: the running loop), or None."""
+    if loop is None:
+        loop = asyncio.get_running_loop()
+    return _monitors.get(loop)
+
+
+class Monitor:
+    """Watches one event loop.
+
+    ``Monitor(loop, **options).start()`` on a running (or about to run) loop; ``stop()`` from
+    the loop's thread. Options are those of :class:`~loopwatch.Config`, or pass ``config=``.
+
+    Readable at any time: ``lag_count``/``lag_sum``/``lag_max`` (seconds), ``busy`` (seconds
+    the loop ran callbacks or task steps), ``block_count`` and ``blocks`` (the most recent
+    :class:`~loopwatch.BlockEvent` objects, up to ``ring_size``).
+    """
+
+    # Attributes written on every step are plain slots: the hot path is a few stores.
+    __slots__ = (
+        "loop", "config", "threshold", "step_start", "busy", "sample", "active",
+        "lag_count", "lag_sum", "lag_max", "block_count", "blocks", "internal_errors",
+        "mode", "_closing", "_sinks", "_probe_handle", "_probe_due", "_busy_reported",
+        "_watchdog", "_thread_id", "_next_tick", "_previous_factory", "_factory",
+        "_watchdog_reported",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        config: Config | None = None,
+        **options: Any,
+    ) -> None:
+        if config is not None and options:
+            raise ValueError("loopwatch: pass either config= or options, not both")
+        self.config = config if config is not None else Config(**options)
+        self.loop = loop
+        self.threshold = self.config.block_threshold
+        self.step_start = 0.0
+        self.busy = 0.0
+        self.sample: Sample | None = None
+        self.active = False
+        self.lag_count = 0
+        self.lag_sum = 0.0
+        self.lag_max = 0.0
+        self.block_count = 0
+        self.internal_errors = 0
+        self.blocks: collections.deque[BlockEvent] = collections.deque(
+            maxlen=self.config.ring_size
+        )
+        self.mode = ""
+        self._closing: tuple[float, Owner | None] = (0.0, None)
+        self._sinks: list[Any] = []
+        self._probe_handle: asyncio.TimerHandle | None = None
+        self._probe_due = 0.0
+        self._busy_reported = 0.0
+        self._watchdog: Watchdog | None = None
+        self._thread_id: int | None = None
+        self._next_tick = 0.0
+        self._previous_factory: Any = None
+        self._factory: Any = None
+        self._watchdog_reported = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> Monitor:
+        """Start watching. Call on the loop's thread (from a coroutine, or before it runs)."""
+        if self.active:
+            raise RuntimeError("loopwatch: this monitor is already started")
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
+        if loop.is_closed():
+            raise RuntimeError("loopwatch: cannot start a monitor on a closed event loop")
+        existing = _monitors.get(loop)
+        if existing is not None:
+            raise RuntimeError(
+                "loopwatch: a monitor is already running on this loop; "
+                "use loopwatch.get_monitor() to share it"
+            )
+        _monitors[loop] = self
+        self.active = True
+        if _uses_asyncio_handles(loop):
+            self.mode = "handle"
+            install_handle_hook(loop, self)
+        else:
+            self.mode = "task-factory"
+            self._previous_factory = loop.get_task_factory()
+            self._factory = make_task_factory(self, self._previous_factory)
+            loop.set_task_factory(self._factory)
+        # The first probe runs on the loop thread and starts the watchdog there, so that
+        # start() works before run_forever() too.
+        self._probe_due = loop.time()
+        self._probe_handle = loop.call_soon(self._first_probe)
+        return self
+
+    def stop(self) -> None:
+        """Stop watching: cancels the probe, joins the watchdog, removes the hooks."""
+        if not self.active:
+            return
+        self.active = False
+        loop = self.loop
+        assert loop is not None
+        if _monitors.get(loop) is self:
+            del _monitors[loop]
+        if self._probe_handle is not None:
+            self._probe_handle.cancel()
+            self._probe_handle = None
+        if self.mode == "handle":
+            uninstall_handle_hook(loop)
+        elif not loop.is_closed() and loop.get_task_factory() is self._factory:
+            loop.set_task_factory(self._previous_factory)
+        # A factory someone installed on top of ours keeps calling it; inactive, it only
+        # passes through.
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
+        self.step_start = 0.0
+
+    def add_sink(self, sink: Any) -> None:
+        """Subscribe ``sink`` (any object with on_probe/on_block/on_tick methods)."""
+        if sink not in self._sinks:
+            self._sinks.append(sink)
+
+    def remove_sink(self, sink: Any) -> None:
+        if sink in self._sinks:
+            self._sinks.remove(sink)
+
+    @property
+    def watchdog_thread(self) -> threading.Thread | None:
+        return self._watchdog.thread if self._watchdog is not None else None
+
+    # -- probe -------------------------------------------------------------------------
+
+    def _first_probe(self) -> None:
+        self._thread_id = threading.get_ident()
+        if self.config.sample_stacks:
+            self._watchdog = Watchdog(self, self._thread_id)
+            self._watchdog.start()
+        self._next_tick = _clock() + _TICK_SECONDS
+        self._schedule_probe()
+
+    def _schedule_probe(self) -> None:
+        loop = self.loop
+        assert loop is not None
+        # From now, not from the last due time: after a block we want one late probe
+        # that measures it, not a burst of catch-up probes.
+        self._probe_due = loop.time() + self.config.probe_interval
+        self._probe_handle = loop.call_at(self._probe_due, self._probe)
+
+    def _probe(self) -> None:
+        loop = self.loop
+        assert loop is not None
+        lag = loop.time() - self._probe_due
+        if lag < 0.0:
+            lag = 0.0
+        self.lag_count += 1
+        self.lag_sum += lag
+        if lag > self.lag_max:
+            self.lag_max = lag
+        busy = self.busy
+        delta = busy - self._busy_reported
+        self._busy_reported = busy
+        for sink in self._sinks:
+            try:
+                sink.on_probe(lag, delta)
+            except Exception:  # noqa: BLE001 - a sink never breaks the loop
+                self.internal_error("sink.on_probe")
+        if _clock() >= self._next_tick:
+            self._next_tick = _clock() + _TICK_SECONDS
+            self._tick()
+        if self.active:
+            self._schedule_probe()
+
+    def _tick(self) -> None:
+        watchdog = self._watchdog
+        if watchdog is not None and not watchdog.is_alive() and not self._watchdog_reported:
+            self._watchdog_reported = True
+            self.internal_error("watchdog thread died")
+            logger.error(
+                "loopwatch watchdog thread is dead: blocks are still timed, "
+                "but their stacks can no longer be sampled"
+            )
+        for sink in self._sinks:
+            on_tick = getattr(sink, "on_tick", None)
+            if on_tick is not None:
+                try:
+                    on_tick()
+                except Exception:  # noqa: BLE001
+                    self.internal_error("sink.on_tick")
+
+    # -- blocks ------------------------------------------------------------------------
+
+    def note_finished(self, owner: Owner) -> float:
+        """Called by an owner's code as it finishes, inside its last step.
+
+        Returns the owner's loop time *including the step still running*, and remembers
+        the owner so that, if this step turns out to be a block, the event still names it.
+        """
+        owner.finished = True
+        start = self.step_start
+        if not start:
+            return owner.busy
+        self._closing = (start, owner)
+        return owner.busy + (_clock() - start)
+
+    def on_block(self, t0: float, duration: float, owner: Owner | None, callback: Any) -> None:
+        """Called on the loop thread after a step that ran longer than the threshold."""
+        try:
+            self._record_block(t0, duration, owner, callback)
+        except Exception:  # noqa: BLE001 - never break the loop we watch
+            self.internal_error("on_block")
+
+    def _record_block(
+        self, t0: float, duration: float, owner: Owner | None, callback: Any
+    ) -> None:
+        if owner is None and self._closing[0] == t0:
+            owner = self._closing[1]
+        sample = self.sample
+        if sample is not None and sample.step_start == t0:
+            frames, hint, status, task = sample.frames, sample.hint, sample.status, sample.task
+        else:
+            frames, hint, task = (), None, None
+            status = NOT_SAMPLED if self._watchdog is not None else DISABLED
+        task = _task_of(callback) or task
+        method, route = owner.labels() if owner is not None else (None, None)
+        event = BlockEvent(
+            time=time.time() - (_clock() - t0),
+            duration=duration,
+            task=task,
+            frames=frames,
+            hint=hint,
+            stack_status=status,
+            method=method,
+            route=route,
+            loop_id=id(self.loop),
+        )
+        self.block_count += 1
+        self.blocks.append(event)
+        for sink in self._sinks:
+            on_block = getattr(sink, "on_block", None)
+            if on_block is not None:
+                try:
+                    on_block(event)
+                except Exception:  # noqa: BLE001
+                    self.internal_error("sink.on_block")
+        if self.config.log_blocks:
+            _log_block(event)
+
+    def internal_error(self, where: str) -> None:
+        """Count a failure inside loopwatch; log its traceback only the first time."""
+        self.internal_errors += 1
+        if self.internal_errors == 1:
+            logger.exception("loopwatch internal error in %s (further ones are only counted)", where)
+        for sink in self._sinks:
+            counter = getattr(sink, "on_internal_error", None)
+            if counter is not None:
+                try:
+                    counter()
+                except Exception:  # noqa: BLE001
+                    pass
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "stopped"
+        return f"<loopwatch.Monitor {state} mode={self.mode or '-'} {self.config!r}>"
+
+
+def _uses_asyncio_handles(loop: asyncio.AbstractEventLoop) -> bool:
+    """True when the loop runs its callbacks through asyncio.events.Handle._run."""
+    return isinstance(loop, asyncio.BaseEventLoop) and handle_hook_works()
+
+
+def _task_of(callback: Any) -> str | None:
+    """The name of the task a step belongs to: a Task itself, or a Handle's step callback."""
+    task = callback if isinstance(callback, asyncio.Task) else getattr(callback, "__self__", None)
+    if isinstance(task, asyncio.Task):
+        return task.get_name()
+    return None
+
+
+def _log_block(event: BlockEvent) -> None:
+    frame = event.blocking_frame
+    logger.warning(
+        event.summary(),
+        extra={
+            "loopwatch_event": event.as_dict(),
+            "block_duration": event.duration,
+            "block_task": event.task,
+            "block_location": frame.location if frame else None,
+            "block_function": frame.function if frame else None,
+            "block_hint": event.hint,
+            "block_method": event.method,
+            "block_route": event.route,
+            "block_stack_status": event.stack_status,
+        },
+    )

@@ -1,0 +1,176 @@
+"""The watchdog thread: samples the loop thread's stack while the loop is still blocked.
+
+After the fact, a task's frame points at its next ``await``; only a stack read while the
+blocking call is still running names the line that blocked. The watchdog polls the monitor's
+``step_start`` (written by the loop thread around every timed step); when one step has run
+longer than the threshold it reads ``sys._current_frames()[loop_thread]``.
+
+A C call that never releases the GIL starves this thread: it can only run once the call has
+returned, when the stack no longer shows the culprit. The watchdog notices that it woke late
+and records that no stack could be taken instead of reporting a wrong line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import linecache
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._events import Frame
+from ._hints import GIL_HINT, hint_for
+
+if TYPE_CHECKING:
+    from ._monitor import Monitor
+
+__all__ = ["Sample", "Watchdog"]
+
+logger = logging.getLogger("loopwatch")
+
+_clock = time.perf_counter
+
+GIL_HELD = "unavailable: the loop thread held the GIL (a C call that does not release it), so no stack could be sampled while it was blocked"
+NOT_SAMPLED = "unavailable: the watchdog did not get to sample this block"
+DISABLED = "unavailable: stack sampling is disabled (sample_stacks=False)"
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    step_start: float  #: identifies the step: the monitor's step_start when sampled
+    frames: tuple[Frame, ...]
+    hint: str | None
+    status: str
+    task: str | None
+
+
+class Watchdog:
+    """A daemon thread that samples the loop thread's stack during long steps."""
+
+    def __init__(self, monitor: Monitor, loop_thread_id: int) -> None:
+        self._monitor = monitor
+        self._loop_thread_id = loop_thread_id
+        cfg = monitor.config
+        self._threshold = cfg.block_threshold
+        self._depth = cfg.stack_depth
+        # Polling at a quarter of the threshold bounds how late the first sample can be
+        # while costing a few wake-ups a second on an idle loop.
+        self._poll = max(cfg.block_threshold / 4, 0.001)
+        # How late a wake-up may be before we conclude the GIL was held: Python threads
+        # hand the GIL over within the switch interval, so lateness far beyond it means a
+        # C call kept it.
+        self._slack = max(0.025, cfg.block_threshold / 4, 4 * sys.getswitchinterval())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="loopwatch-watchdog", daemon=True
+        )
+        self.samples_taken = 0
+        self._cpu_clock: int | None = None
+        if hasattr(time, "pthread_getcpuclockid"):
+            try:
+                self._cpu_clock = time.pthread_getcpuclockid(loop_thread_id)
+            except OSError:
+                self._cpu_clock = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _thread_cpu(self) -> float | None:
+        """CPU seconds used so far by the loop thread, where the platform can tell."""
+        if self._cpu_clock is None:
+            return None
+        try:
+            return time.clock_gettime(self._cpu_clock)
+        except OSError:
+            self._cpu_clock = None
+            return None
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # noqa: BLE001 - reported by the monitor's liveness check
+            logger.exception("loopwatch watchdog thread crashed; stacks will not be sampled")
+            raise
+
+    def _loop(self) -> None:
+        monitor = self._monitor
+        threshold = self._threshold
+        sampled = 0.0  # step_start of the last step we sampled
+        wake_at = _clock() + self._poll
+        while not self._stop.wait(max(wake_at - _clock(), 0.0)):
+            now = _clock()
+            start = monitor.step_start
+            if start and start != sampled:
+                due = start + threshold
+                if now >= due:
+                    sampled = start
+                    late = now - max(due, wake_at)
+                    monitor.sample = self._sample(start, late)
+                    wake_at = _clock() + self._poll
+                else:
+                    # A step is running: wake exactly when it would become a block.
+                    wake_at = min(now + self._poll, due)
+            else:
+                wake_at = now + self._poll
+
+    def _sample(self, start: float, late: float) -> Sample:
+        task = _task_name(self._monitor.loop)
+        if late > self._slack:
+            return Sample(start, (), GIL_HINT, GIL_HELD, task)
+        frame = sys._current_frames().get(self._loop_thread_id)
+        if frame is None:
+            return Sample(start, (), None, NOT_SAMPLED, task)
+        first = (frame.f_code, frame.f_lasti)
+        frames = _extract(frame, self._depth)
+        del frame
+        self.samples_taken += 1
+        # A second look a moment later tells CPU-bound code (the bytecode position moves, or
+        # the loop thread burns CPU) from a call that waits in the kernel (neither).
+        cpu0, wall0 = self._thread_cpu(), _clock()
+        time.sleep(0.005)
+        cpu_bound = False
+        if self._monitor.step_start == start:
+            again = sys._current_frames().get(self._loop_thread_id)
+            if again is not None:
+                cpu_bound = (again.f_code, again.f_lasti) != first
+                del again
+            cpu1, wall1 = self._thread_cpu(), _clock()
+            if cpu0 is not None and cpu1 is not None:
+                cpu_bound = cpu_bound or (cpu1 - cpu0) >= 0.5 * (wall1 - wall0)
+        lines = [linecache.getline(f.file, f.line).strip() for f in frames[:3]]
+        return Sample(start, frames, hint_for(frames, lines, cpu_bound), "sampled", task)
+
+
+def _extract(frame: Any, depth: int) -> tuple[Frame, ...]:
+    """Innermost-first frames; file, line, function and module only — never locals."""
+    out = []
+    while frame is not None and len(out) < depth:
+        code = frame.f_code
+        name = getattr(code, "co_qualname", code.co_name)
+        module = frame.f_globals.get("__name__", "")
+        out.append(Frame(code.co_filename, frame.f_lineno or 0, name, module or ""))
+        frame = frame.f_back
+    return tuple(out)
+
+
+def _task_name(loop: asyncio.AbstractEventLoop) -> str | None:
+    try:
+        task = asyncio.current_task(loop)
+    except Exception:  # noqa: BLE001 - a foreign loop may not support it
+        return None
+    return task.get_name() if task is not None else None
