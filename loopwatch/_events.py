@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sysconfig
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["BlockEvent", "Frame"]
@@ -61,7 +61,10 @@ class BlockEvent:
     stack_status: str = "sampled"  #: "sampled", or why there is no stack
     method: str | None = None  #: HTTP method of the request whose code blocked
     route: str | None = None  #: route template of that request
-    loop_id: int = field(default=0, repr=False)
+    #: True when the duration was measured around the step itself (exact); False when the
+    #: step was not timed (uvloop: code outside tasks created after start) and the duration
+    #: is the lag probe's lateness, a lower bound accurate to the probe interval.
+    timed: bool = True
 
     @property
     def location(self) -> str | None:
@@ -103,6 +106,7 @@ class BlockEvent:
             "location": self.location,
             "hint": self.hint,
             "stack_status": self.stack_status,
+            "timed": self.timed,
             "frames": [f.as_dict() for f in self.frames],
         }
 

@@ -63,6 +63,7 @@ class Monitor:
     __slots__ = (
         "loop", "config", "threshold", "step_start", "busy", "sample", "active",
         "lag_count", "lag_sum", "lag_max", "block_count", "blocks", "internal_errors",
+        "probe_deadline", "untimed_sample",
         "mode", "_closing", "_sinks", "_probe_handle", "_probe_due", "_busy_reported",
         "_watchdog", "_thread_id", "_next_tick", "_previous_factory", "_factory",
         "_watchdog_reported",
@@ -83,6 +84,8 @@ class Monitor:
         self.step_start = 0.0
         self.busy = 0.0
         self.sample: Sample | None = None
+        self.untimed_sample: Sample | None = None
+        self.probe_deadline = 0.0
         self.active = False
         self.lag_count = 0
         self.lag_sum = 0.0
@@ -189,8 +192,11 @@ class Monitor:
         assert loop is not None
         # From now, not from the last due time: after a block we want one late probe
         # that measures it, not a burst of catch-up probes.
-        self._probe_due = loop.time() + self.config.probe_interval
+        interval = self.config.probe_interval
+        self._probe_due = loop.time() + interval
         self._probe_handle = loop.call_at(self._probe_due, self._probe)
+        # The same deadline on the watchdog's clock.
+        self.probe_deadline = _clock() + interval
 
     def _probe(self) -> None:
         loop = self.loop
@@ -205,6 +211,10 @@ class Monitor:
         busy = self.busy
         delta = busy - self._busy_reported
         self._busy_reported = busy
+        if lag - delta >= self.threshold and self.mode == "task-factory":
+            # Untimed code (see the watchdog) held the loop: the probe's lateness is the
+            # best measure we have, a lower bound accurate to the probe interval.
+            self._untimed_block(lag)
         for sink in self._sinks:
             try:
                 sink.on_probe(lag, delta)
@@ -250,10 +260,21 @@ class Monitor:
 
     def on_block(self, t0: float, duration: float, owner: Owner | None, callback: Any) -> None:
         """Called on the loop thread after a step that ran longer than the threshold."""
+        if not self.active:  # the step that stopped the monitor
+            return
         try:
             self._record_block(t0, duration, owner, callback)
         except Exception:  # noqa: BLE001 - never break the loop we watch
             self.internal_error("on_block")
+
+    def _untimed_block(self, lag: float) -> None:
+        try:
+            sample = self.untimed_sample
+            if sample is not None and sample.step_start != -self.probe_deadline:
+                sample = None
+            self._emit(_clock() - lag, lag, None, None, sample, timed=False)
+        except Exception:  # noqa: BLE001
+            self.internal_error("untimed block")
 
     def _record_block(
         self, t0: float, duration: float, owner: Owner | None, callback: Any
@@ -261,7 +282,15 @@ class Monitor:
         if owner is None and self._closing[0] == t0:
             owner = self._closing[1]
         sample = self.sample
-        if sample is not None and sample.step_start == t0:
+        if sample is not None and sample.step_start != t0:
+            sample = None
+        self._emit(t0, duration, owner, callback, sample, timed=True)
+
+    def _emit(
+        self, t0: float, duration: float, owner: Owner | None, callback: Any,
+        sample: Sample | None, timed: bool,
+    ) -> None:
+        if sample is not None:
             frames, hint, status, task = sample.frames, sample.hint, sample.status, sample.task
         else:
             frames, hint, task = (), None, None
@@ -277,7 +306,7 @@ class Monitor:
             stack_status=status,
             method=method,
             route=route,
-            loop_id=id(self.loop),
+            timed=timed,
         )
         self.block_count += 1
         self.blocks.append(event)

@@ -110,12 +110,23 @@ class Watchdog:
     def _loop(self) -> None:
         monitor = self._monitor
         threshold = self._threshold
-        sampled = 0.0  # step_start of the last step we sampled
+        untimed = monitor.mode == "task-factory"
+        sampled = 0.0  # identifies the last stretch we sampled
         wake_at = _clock() + self._poll
         while not self._stop.wait(max(wake_at - _clock(), 0.0)):
             now = _clock()
             start = monitor.step_start
-            if start and start != sampled:
+            if not start and untimed:
+                # On uvloop, steps of tasks created before the monitor started and plain
+                # callbacks are not timed. If the probe is overdue and no timed step runs,
+                # such code holds the loop: sample it too, keyed by the probe's deadline.
+                deadline = monitor.probe_deadline
+                if deadline and now - deadline >= threshold and -deadline != sampled:
+                    sampled = -deadline
+                    late = now - max(deadline + threshold, wake_at)
+                    monitor.untimed_sample = self._sample(-deadline, late)
+                wake_at = now + self._poll
+            elif start and start != sampled:
                 due = start + threshold
                 if now >= due:
                     sampled = start
@@ -144,7 +155,7 @@ class Watchdog:
         cpu0, wall0 = self._thread_cpu(), _clock()
         time.sleep(0.005)
         cpu_bound = False
-        if self._monitor.step_start == start:
+        if self._monitor.step_start == start or start < 0:
             again = sys._current_frames().get(self._loop_thread_id)
             if again is not None:
                 cpu_bound = (again.f_code, again.f_lasti) != first

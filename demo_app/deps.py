@@ -1,0 +1,50 @@
+"""Request parameters and dependencies shared by the demo's routers."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import httpx
+from fastapi import Depends, Path, Query, Request
+
+from .config import Settings
+
+__all__ = [
+    "MAX_BLOCK_MS", "MAX_ID", "BlockMs", "Client", "ProductId", "SimControl", "UserId", "AppSettings",
+]
+
+# Ids are bounded so that a huge or negative id is refused with 422 before any upstream call.
+MAX_ID = 10**9
+# Anti-pattern routes block for at most this long, so a stray request cannot wedge the demo.
+MAX_BLOCK_MS = 5000
+
+UserId = Annotated[int, Path(ge=1, le=MAX_ID, description="A user id, 1..10^9.")]
+ProductId = Annotated[int, Path(ge=1, le=MAX_ID, description="A product id, 1..10^9.")]
+BlockMs = Annotated[
+    int, Query(ge=0, le=MAX_BLOCK_MS, description="How long to block, in milliseconds (0..5000).")
+]
+
+
+def _client(request: Request) -> httpx.AsyncClient:
+    client: httpx.AsyncClient = request.app.state.http_client
+    return client
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _sim_control(request: Request) -> dict[str, str]:
+    """The request's ``X-Sim-*`` headers, which the demo forwards to every upstream call.
+
+    They let a caller make the simulated upstream slow or failing for one demo request
+    (``X-Sim-Delay-Ms: 200``, ``X-Sim-Status: 500``, ``X-Sim-Hang: 1`` ...). A real
+    service forwards trace headers the same way.
+    """
+    return {name: value for name, value in request.headers.items() if name.startswith("x-sim-")}
+
+
+Client = Annotated[httpx.AsyncClient, Depends(_client)]
+AppSettings = Annotated[Settings, Depends(_settings)]
+SimControl = Annotated[dict[str, str], Depends(_sim_control)]

@@ -1,0 +1,137 @@
+"""The article's routes: every upstream call is awaited on the one shared client.
+
+While a route awaits the upstream, the event loop serves other requests, so a 500 ms
+upstream costs each user 500 ms, not 500 ms times the number of users ahead of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, BackgroundTasks
+
+from .deps import AppSettings, Client, ProductId, SimControl, UserId
+from .errors import json_body, upstream_errors
+
+__all__ = ["router"]
+
+logger = logging.getLogger("demo_app.analytics")
+
+router = APIRouter(tags=["non-blocking"])
+
+
+@router.get("/data")
+async def get_data(client: Client, sim: SimControl) -> Any:
+    """Post 1 from the upstream: one awaited call on the shared client."""
+    with upstream_errors("post 1"):
+        response = await client.get("/posts/1", headers=sim)
+        response.raise_for_status()
+        return json_body(response)
+
+
+@router.get("/users/{user_id}")
+async def get_user(user_id: UserId, client: Client, sim: SimControl) -> Any:
+    """One user; ``raise_for_status`` turns an upstream 4xx/5xx into an exception."""
+    with upstream_errors(f"user {user_id}"):
+        response = await client.get(f"/users/{user_id}", headers=sim)
+        response.raise_for_status()
+        return json_body(response)
+
+
+@router.get("/dashboard/{user_id}")
+async def get_dashboard(user_id: UserId, client: Client, sim: SimControl) -> dict[str, Any]:
+    """Profile, last orders and notification count, fetched concurrently.
+
+    ``asyncio.gather`` starts the three calls at once, so the route takes as long as the
+    slowest of them instead of their sum (compare ``/antipatterns/sequential/{user_id}``).
+    """
+    with upstream_errors(f"user {user_id}"):
+        profile, orders, notifications = await asyncio.gather(
+            client.get(f"/users/{user_id}", headers=sim),
+            client.get(f"/users/{user_id}/orders", params={"limit": 5}, headers=sim),
+            client.get(f"/users/{user_id}/notifications/count", headers=sim),
+        )
+        for response in (profile, orders, notifications):
+            response.raise_for_status()
+        return {
+            "profile": json_body(profile),
+            "orders": json_body(orders),
+            "notification_count": json_body(notifications),
+        }
+
+
+@router.get(
+    "/resilient/{user_id}",
+    responses={
+        404: {"description": "The upstream has no such user."},
+        502: {"description": "The upstream failed, was unreachable or sent a body that is not JSON."},
+        504: {"description": "The upstream did not answer within the client's timeout."},
+    },
+)
+async def get_user_resilient(user_id: UserId, client: Client, sim: SimControl) -> Any:
+    """The article's error-handling example: every upstream failure becomes an answer.
+
+    Upstream timeout → 504, upstream 404 → 404, any other upstream status → 502, refused,
+    reset or dropped connections and unresolvable hosts → 502, a body that is not JSON
+    → 502. ``detail`` is ``{"code", "message", "retryable"}``. The other routes share this
+    mapping (:func:`demo_app.errors.upstream_errors`); this one spells it out in its
+    responses so the failure modes have one documented URL to exercise.
+    """
+    with upstream_errors(f"user {user_id}"):
+        response = await client.get(f"/users/{user_id}", headers=sim)
+        response.raise_for_status()
+        return json_body(response)
+
+
+async def send_analytics_event(client: httpx.AsyncClient, url: str, event: dict[str, Any]) -> None:
+    """Post ``event`` to the analytics sink; a failure is logged, never raised.
+
+    This runs after the response has been sent: an exception here could not reach the
+    user anyway, it would only turn into a traceback in the server log.
+    """
+    try:
+        response = await client.post(url, json=event)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        logger.warning("analytics event %s was lost: %s: %s", event, type(exc).__name__, exc)
+
+
+@router.get("/products/{product_id}")
+async def get_product(
+    product_id: ProductId,
+    client: Client,
+    sim: SimControl,
+    settings: AppSettings,
+    background_tasks: BackgroundTasks,
+) -> Any:
+    """A product; the analytics event is posted after the response has been sent.
+
+    The user does not wait for the analytics sink, and a slow or failing sink cannot
+    change what they get.
+    """
+    with upstream_errors(f"product {product_id}"):
+        response = await client.get(f"/products/{product_id}", headers=sim)
+        response.raise_for_status()
+        product = json_body(response)
+    background_tasks.add_task(
+        send_analytics_event,
+        client,
+        settings.analytics_url,
+        {"event": "product_viewed", "product_id": product_id},
+    )
+    return product
+
+
+@router.get("/weather")
+async def get_weather(client: Client, sim: SimControl) -> Any:
+    """The article's weather example done right: awaited, so the loop keeps serving.
+
+    ``/antipatterns/requests-get`` is the same call made with ``requests``.
+    """
+    with upstream_errors("the weather"):
+        response = await client.get("/weather", headers=sim)
+        response.raise_for_status()
+        return json_body(response)
