@@ -3,6 +3,9 @@
 Each docstring says what goes wrong and the fix. The blocking call in each route sits
 alone on its own line, which is the line loopwatch names in its block events. ``ms``
 sets how long the route blocks, so tests and benchmarks can inject exact blocks.
+
+The ``noqa`` comments silence ruff's ASYNC rules, which exist to catch exactly these
+mistakes; here the mistakes are the point.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ async def requests_get(settings: AppSettings, sim: SimControl, ms: BlockMs = 500
     """
     headers = {**sim, "x-sim-delay-ms": str(ms)}
     timeout = (settings.connect_timeout, settings.timeout)
-    response = requests.get(f"{settings.upstream_url}/weather", headers=headers, timeout=timeout)
+    url = f"{settings.upstream_url}/weather"
+    response = requests.get(url, headers=headers, timeout=timeout)  # noqa: ASYNC210
     response.raise_for_status()
     return response.json()
 
@@ -47,7 +51,7 @@ async def sleep(ms: BlockMs = 200) -> dict[str, int]:
     Wrong: the whole event loop sleeps, not just this request.
     Fix: ``await asyncio.sleep(seconds)``.
     """
-    time.sleep(ms / 1000)
+    time.sleep(ms / 1000)  # noqa: ASYNC251
     return {"slept_ms": ms}
 
 
@@ -56,7 +60,7 @@ async def sequential_dashboard(user_id: UserId, client: Client, sim: SimControl)
     """``/dashboard/{user_id}`` with one ``await`` after another.
 
     Wrong: nothing blocks the loop, but the three independent calls run one after the
-    other, so the route takes the sum of their latencies (3 × 200 ms = 600 ms).
+    other, so the route takes the sum of their latencies (3 x 200 ms = 600 ms).
     Fix: start them together with ``asyncio.gather`` (``/dashboard/{user_id}``).
     """
     with upstream_errors(f"user {user_id}"):
@@ -126,6 +130,6 @@ async def file_read(ms: BlockMs = 200) -> dict[str, int]:
     Wrong: the read waits for the disk (here ``ms``) on the loop's thread.
     Fix: ``await anyio.Path(path).read_bytes()`` or ``aiofiles``, which read in a thread.
     """
-    with open(_slow_file(ms / 1000), "rb") as source:
+    with open(_slow_file(ms / 1000), "rb") as source:  # noqa: ASYNC230
         data = source.read()
     return {"bytes": len(data)}

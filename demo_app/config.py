@@ -40,8 +40,9 @@ class Spec(Generic[T]):
         try:
             value = self.parse(raw.strip())
         except ValueError:
-            raise ConfigError(f"{name}={raw!r} is invalid: expected {self.allowed}") from None
-        self.validate(name, value)
+            value = None
+        if value is None or not self.check(value):
+            raise ConfigError(f"{name}={raw!r} is invalid: expected {self.allowed}")
         return value
 
     def from_env(self, environ: Mapping[str, str], name: str, default: T) -> T:
@@ -82,7 +83,9 @@ def _parse_flag(raw: str) -> bool:
 
 
 def flag() -> Spec[bool]:
-    return Spec(_parse_flag, lambda v: isinstance(v, bool), "one of 1/true/yes/on or 0/false/no/off")
+    return Spec(
+        _parse_flag, lambda v: isinstance(v, bool), "one of 1/true/yes/on or 0/false/no/off"
+    )
 
 
 def _is_http_url(value: Any) -> bool:
@@ -93,7 +96,9 @@ def _is_http_url(value: Any) -> bool:
 
 
 def url() -> Spec[str]:
-    return Spec(str, _is_http_url, "an http:// or https:// URL with a host, e.g. http://127.0.0.1:8001")
+    return Spec(
+        str, _is_http_url, "an http:// or https:// URL with a host, e.g. http://127.0.0.1:8001"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,9 +110,13 @@ class Settings:
     defaults to the simulator's event sink under ``upstream_url``.
     """
 
-    upstream_url: str = field(default="http://127.0.0.1:8001", metadata={"env": "DEMO_UPSTREAM_URL", "spec": url()})
+    upstream_url: str = field(
+        default="http://127.0.0.1:8001", metadata={"env": "DEMO_UPSTREAM_URL", "spec": url()}
+    )
     analytics_url: str = field(default="", metadata={"env": "DEMO_ANALYTICS_URL", "spec": url()})
-    timeout: float = field(default=10.0, metadata={"env": "DEMO_TIMEOUT_SECONDS", "spec": positive_seconds()})
+    timeout: float = field(
+        default=10.0, metadata={"env": "DEMO_TIMEOUT_SECONDS", "spec": positive_seconds()}
+    )
     connect_timeout: float = field(
         default=5.0, metadata={"env": "DEMO_CONNECT_TIMEOUT_SECONDS", "spec": positive_seconds()}
     )
@@ -120,14 +129,17 @@ class Settings:
 
     def __post_init__(self) -> None:
         if not self.analytics_url and _is_http_url(self.upstream_url):
-            object.__setattr__(self, "analytics_url", f"{self.upstream_url.rstrip('/')}/analytics/events")
+            object.__setattr__(
+                self, "analytics_url", f"{self.upstream_url.rstrip('/')}/analytics/events"
+            )
         for f in fields(self):
             f.metadata["spec"].validate(f"{f.name} ({f.metadata['env']})", getattr(self, f.name))
         if self.max_keepalive_connections > self.max_connections:
             raise ConfigError(
-                f"max_keepalive_connections (DEMO_MAX_KEEPALIVE_CONNECTIONS)={self.max_keepalive_connections}"
-                f" is larger than max_connections (DEMO_MAX_CONNECTIONS)={self.max_connections}:"
-                " a pool cannot keep alive more connections than it may open"
+                "max_keepalive_connections (DEMO_MAX_KEEPALIVE_CONNECTIONS)="
+                f"{self.max_keepalive_connections} is larger than max_connections"
+                f" (DEMO_MAX_CONNECTIONS)={self.max_connections}: a pool cannot keep alive"
+                " more connections than it may open"
             )
 
     @classmethod

@@ -10,7 +10,14 @@ from fastapi import Depends, Path, Query, Request
 from .config import Settings
 
 __all__ = [
-    "MAX_BLOCK_MS", "MAX_ID", "BlockMs", "Client", "ProductId", "SimControl", "UserId", "AppSettings",
+    "MAX_BLOCK_MS",
+    "MAX_ID",
+    "AppSettings",
+    "BlockMs",
+    "Client",
+    "ProductId",
+    "SimControl",
+    "UserId",
 ]
 
 # Ids are bounded so that a huge or negative id is refused with 422 before any upstream call.

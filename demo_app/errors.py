@@ -17,7 +17,13 @@ from typing import Any
 import httpx
 from fastapi import HTTPException
 
-__all__ = ["InvalidUpstreamResponse", "json_body", "to_http_exception", "upstream_errors"]
+__all__ = [
+    "InvalidUpstreamResponse",
+    "describe",
+    "json_body",
+    "to_http_exception",
+    "upstream_errors",
+]
 
 logger = logging.getLogger("demo_app.upstream")
 
@@ -26,7 +32,9 @@ class InvalidUpstreamResponse(Exception):
     """The upstream answered 2xx with a body that is not JSON."""
 
     def __init__(self, response: httpx.Response) -> None:
-        super().__init__(f"{response.request.method} {response.request.url}: body is not valid JSON")
+        super().__init__(
+            f"{response.request.method} {response.request.url}: body is not valid JSON"
+        )
         self.response = response
 
 
@@ -38,38 +46,36 @@ def json_body(response: httpx.Response) -> Any:
         raise InvalidUpstreamResponse(response) from exc
 
 
-def _detail(code: str, message: str, *, retryable: bool) -> dict[str, Any]:
-    return {"code": code, "message": message, "retryable": retryable}
-
-
-def to_http_exception(exc: httpx.HTTPError | InvalidUpstreamResponse, resource: str) -> HTTPException:
+def to_http_exception(
+    exc: httpx.HTTPError | InvalidUpstreamResponse, resource: str
+) -> HTTPException:
     """The answer for ``exc``, raised while fetching ``resource`` (e.g. ``"user 7"``)."""
+    kind = type(exc).__name__
     if isinstance(exc, httpx.TimeoutException):
-        return HTTPException(504, _detail(
-            "upstream_timeout",
-            f"the upstream service took too long to answer for {resource} ({type(exc).__name__})",
-            retryable=True,
-        ))
-    if isinstance(exc, httpx.HTTPStatusError):
-        status = exc.response.status_code
-        if status == 404:
-            return HTTPException(404, _detail("not_found", f"{resource} not found", retryable=False))
-        return HTTPException(502, _detail(
-            "upstream_error",
-            f"the upstream service answered {status} for {resource}",
-            retryable=status >= 500 or status == 429,
-        ))
-    if isinstance(exc, InvalidUpstreamResponse):
-        return HTTPException(502, _detail(
-            "upstream_invalid_response",
-            f"the upstream service sent a body that is not JSON for {resource}",
-            retryable=True,
-        ))
-    return HTTPException(502, _detail(
-        "upstream_unreachable",
-        f"could not reach the upstream service for {resource} ({type(exc).__name__})",
-        retryable=True,
-    ))
+        status, code, retryable = 504, "upstream_timeout", True
+        message = f"the upstream service took too long to answer for {resource} ({kind})"
+    elif isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 404:
+        status, code, retryable = 404, "not_found", False
+        message = f"{resource} not found"
+    elif isinstance(exc, httpx.HTTPStatusError):
+        upstream_status = exc.response.status_code
+        status, code = 502, "upstream_error"
+        retryable = upstream_status >= 500 or upstream_status == 429
+        message = f"the upstream service answered {upstream_status} for {resource}"
+    elif isinstance(exc, InvalidUpstreamResponse):
+        status, code, retryable = 502, "upstream_invalid_response", True
+        message = f"the upstream service sent a body that is not JSON for {resource}"
+    else:
+        status, code, retryable = 502, "upstream_unreachable", True
+        message = f"could not reach the upstream service for {resource} ({kind})"
+    return HTTPException(status, {"code": code, "message": message, "retryable": retryable})
+
+
+def describe(exc: httpx.HTTPError | InvalidUpstreamResponse) -> str:
+    """One log line's worth of ``exc``, for the operator (it may name internal URLs)."""
+    if isinstance(exc, httpx.HTTPStatusError):  # its str() adds a paragraph of MDN links
+        return f"{exc.request.method} {exc.request.url} answered {exc.response.status_code}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 @contextlib.contextmanager
@@ -78,5 +84,5 @@ def upstream_errors(resource: str) -> Iterator[None]:
     try:
         yield
     except (httpx.HTTPError, InvalidUpstreamResponse) as exc:
-        logger.warning("upstream failure for %s: %s: %s", resource, type(exc).__name__, exc)
+        logger.warning("upstream failure for %s: %s", resource, describe(exc))
         raise to_http_exception(exc, resource) from exc

@@ -14,7 +14,7 @@ import httpx
 from fastapi import APIRouter, BackgroundTasks
 
 from .deps import AppSettings, Client, ProductId, SimControl, UserId
-from .errors import json_body, upstream_errors
+from .errors import describe, json_body, upstream_errors
 
 __all__ = ["router"]
 
@@ -67,7 +67,9 @@ async def get_dashboard(user_id: UserId, client: Client, sim: SimControl) -> dic
     "/resilient/{user_id}",
     responses={
         404: {"description": "The upstream has no such user."},
-        502: {"description": "The upstream failed, was unreachable or sent a body that is not JSON."},
+        502: {
+            "description": "The upstream failed, was unreachable or sent a body that is not JSON."
+        },
         504: {"description": "The upstream did not answer within the client's timeout."},
     },
 )
@@ -96,7 +98,7 @@ async def send_analytics_event(client: httpx.AsyncClient, url: str, event: dict[
         response = await client.post(url, json=event)
         response.raise_for_status()
     except httpx.HTTPError as exc:
-        logger.warning("analytics event %s was lost: %s: %s", event, type(exc).__name__, exc)
+        logger.warning("analytics event %s was lost: %s", event, describe(exc))
 
 
 @router.get("/products/{product_id}")

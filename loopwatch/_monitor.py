@@ -22,7 +22,8 @@ from ._hooks import (
     make_task_factory,
     uninstall_handle_hook,
 )
-from ._watchdog import DISABLED, NOT_SAMPLED, Sample, Watchdog
+from ._hints import GIL_HINT
+from ._watchdog import DISABLED, GIL_HELD, NOT_SAMPLED, Sample, Watchdog
 
 __all__ = ["Monitor", "Sink", "get_monitor"]
 
@@ -294,7 +295,13 @@ class Monitor:
             frames, hint, status, task = sample.frames, sample.hint, sample.status, sample.task
         else:
             frames, hint, task = (), None, None
-            status = NOT_SAMPLED if self._watchdog is not None else DISABLED
+            watchdog = self._watchdog
+            if watchdog is None:
+                status = DISABLED
+            elif watchdog.starved_during(t0, t0 + duration):
+                status, hint = GIL_HELD, GIL_HINT
+            else:
+                status = NOT_SAMPLED
         task = _task_of(callback) or task
         method, route = owner.labels() if owner is not None else (None, None)
         event = BlockEvent(

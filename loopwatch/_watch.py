@@ -26,7 +26,7 @@ class Watch:
     """
 
     __slots__ = ("config", "blocks", "monitor", "_own", "_state", "_lag0", "_busy0",
-                 "_lagmax0", "_t0", "_t1", "_busy1")
+                 "_lagmax0", "_lagsum", "_t0", "_t1", "_busy1")
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -37,6 +37,7 @@ class Watch:
         self._busy0 = self._busy1 = 0.0
         self._lag0 = 0
         self._lagmax0 = 0.0
+        self._lagsum = 0.0
         self._t0 = self._t1 = 0.0
 
     async def __aenter__(self) -> Watch:
@@ -85,6 +86,7 @@ class Watch:
         if lag > self._lagmax0:
             self._lagmax0 = lag
         self._lag0 += 1
+        self._lagsum += lag
 
     def on_block(self, event: BlockEvent) -> None:
         if event.duration >= self.config.block_threshold:
@@ -95,6 +97,11 @@ class Watch:
     def max_lag(self) -> float:
         """The largest probe lateness seen during the watch, in seconds."""
         return self._lagmax0
+
+    @property
+    def mean_lag(self) -> float:
+        """The mean probe lateness during the watch, in seconds."""
+        return self._lagsum / self._lag0 if self._lag0 else 0.0
 
     @property
     def probes(self) -> int:

@@ -33,7 +33,10 @@ logger = logging.getLogger("loopwatch")
 
 _clock = time.perf_counter
 
-GIL_HELD = "unavailable: the loop thread held the GIL (a C call that does not release it), so no stack could be sampled while it was blocked"
+GIL_HELD = (
+    "unavailable: the watchdog thread could not run while the loop was blocked (the loop "
+    "thread held the GIL, as a C call that does not release it does)"
+)
 NOT_SAMPLED = "unavailable: the watchdog did not get to sample this block"
 DISABLED = "unavailable: stack sampling is disabled (sample_stacks=False)"
 
@@ -68,6 +71,7 @@ class Watchdog:
             target=self._run, name="loopwatch-watchdog", daemon=True
         )
         self.samples_taken = 0
+        self.next_wake = _clock()
         self._cpu_clock: int | None = None
         if hasattr(time, "pthread_getcpuclockid"):
             try:
@@ -93,6 +97,16 @@ class Watchdog:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    def starved_during(self, start: float, end: float) -> bool:
+        """Whether this thread should have sampled a step running from start to end but
+        could not run: the loop thread held the GIL.
+
+        Had it run after its planned wake-up it would have sampled the step or planned a
+        later wake-up; the GIL is handed over within the switch interval.
+        """
+        should_sample_by = max(self.next_wake, start + self._threshold)
+        return end > should_sample_by + 2 * sys.getswitchinterval()
+
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
@@ -113,7 +127,10 @@ class Watchdog:
         untimed = monitor.mode == "task-factory"
         sampled = 0.0  # identifies the last stretch we sampled
         wake_at = _clock() + self._poll
-        while not self._stop.wait(max(wake_at - _clock(), 0.0)):
+        while True:
+            self.next_wake = wake_at
+            if self._stop.wait(max(wake_at - _clock(), 0.0)):
+                break
             now = _clock()
             start = monitor.step_start
             if not start and untimed:

@@ -13,9 +13,6 @@ import pytest
 import loopwatch
 from loopwatch._hints import CPU_HINT, GIL_HINT
 
-SLEEP_LINE = 0  # set below from the source, so the test names the real line
-
-
 def sleeper(seconds: float) -> None:
     time.sleep(seconds)  # the blocking line
 
@@ -33,26 +30,36 @@ def within(measured: float, expected: float) -> bool:
 
 def gil_call_for(seconds: float) -> int:
     """How many items sum(range(n)) needs to hold the GIL for about ``seconds``."""
-    n = 2_000_000
-    t = time.perf_counter()
-    sum(range(n))
-    per_item = (time.perf_counter() - t) / n
-    return int(seconds / per_item)
+    n = 3_000_000
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        sum(range(n))
+        best = min(best, time.perf_counter() - t)
+    return int(seconds / (best / n))
 
 
 def test_time_sleep_is_one_block_with_exact_line_and_hint(run: Any) -> None:
-    async def main() -> tuple[loopwatch.Watch, float]:
-        async with loopwatch.watch(log_blocks=False) as w:
-            t = time.perf_counter()
-            await asyncio.create_task(sleeping_task(0.2), name="sleepy")
-            elapsed = time.perf_counter() - t
-            await asyncio.sleep(0.02)
-        return w, elapsed
+    took = 0.0
 
-    w, _ = run(main())
+    async def timed_sleep() -> None:
+        nonlocal took
+        t = time.perf_counter()
+        sleeper(0.2)
+        took = time.perf_counter() - t
+
+    async def main() -> loopwatch.Watch:
+        async with loopwatch.watch(log_blocks=False) as w:
+            await asyncio.create_task(timed_sleep(), name="sleepy")
+            await asyncio.sleep(0.02)
+        return w
+
+    w = run(main())
     assert len(w.blocks) == 1, w.blocks
     event = w.blocks[0]
-    assert within(event.duration, 0.2), event.duration
+    # On a shared machine the OS may oversleep by a few ms: loopwatch must report the block
+    # that really happened, to within max(2 ms, 2 %).
+    assert took >= 0.2 and within(event.duration, took), (event.duration, took)
     assert event.frames, event.stack_status
     top = event.frames[0]
     assert top.file == __file__ and top.line == SLEEP_LINE and top.function == "sleeper", top
@@ -71,7 +78,10 @@ def test_awaited_sleep_is_no_block_and_lag_stays_low(run: Any) -> None:
     w = run(main())
     assert w.blocks == []
     assert w.probes >= 10, w.probes
-    assert w.max_lag < 0.005, w.max_lag
+    # Every probe counts; a shared CI machine may delay one by a few ms, so the bound on the
+    # worst single probe is looser than the bound on the mean.
+    assert w.mean_lag < 0.005, w.mean_lag
+    assert w.max_lag < 0.02, w.max_lag
 
 
 def test_cpu_bound_loop_is_one_block_with_a_frame_in_the_loop(run: Any) -> None:
@@ -105,7 +115,7 @@ def test_cpu_bound_loop_is_one_block_with_a_frame_in_the_loop(run: Any) -> None:
 
 
 def test_gil_holding_c_call_has_true_duration_and_says_no_stack(run: Any) -> None:
-    n = gil_call_for(0.15)
+    n = gil_call_for(0.2)
 
     took = 0.0
 
@@ -122,7 +132,7 @@ def test_gil_holding_c_call_has_true_duration_and_says_no_stack(run: Any) -> Non
         return w
 
     w = run(main())
-    assert took > 0.1, "calibration failed to produce a block"
+    assert took > 0.11, "calibration failed to produce a block"
     assert len(w.blocks) == 1, w.blocks
     event = w.blocks[0]
     # The step includes the two perf_counter() calls around the sum: a few microseconds.
@@ -161,7 +171,7 @@ def test_back_to_back_blocks_in_two_tasks_get_their_own_stacks(run: Any) -> None
     assert (a.task, b.task) == ("one", "two")
     assert a.frames[0].function.endswith("first_blocker"), a.frames[:2]
     assert b.frames[0].function.endswith("second_blocker"), b.frames[:2]
-    assert all(within(e.duration, 0.12) for e in w.blocks), [e.duration for e in w.blocks]
+    assert all(0.12 <= e.duration < 0.13 for e in w.blocks), [e.duration for e in w.blocks]
 
 
 def test_saturating_short_callbacks_are_never_blocks(run: Any) -> None:
@@ -272,8 +282,7 @@ def test_a_second_monitor_on_a_loop_is_refused_and_watch_joins(run: Any) -> None
             with pytest.raises(RuntimeError, match="already running"):
                 loopwatch.Monitor().start()
             async with loopwatch.watch(block_threshold=0.2) as w:
-                sleeper(0.21)
-                await asyncio.sleep(0)
+                await asyncio.create_task(sleeping_task(0.21))
             assert w.monitor is m and m.active
             assert len(w.blocks) == 1
             with pytest.raises(ValueError, match="block_threshold=0.05"):

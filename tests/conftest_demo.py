@@ -1,0 +1,114 @@
+"""Shared fixtures for the demo's tests: the simulator and the demo as real uvicorn servers.
+
+Not a ``conftest.py``: the demo's test modules import what they use from here, so the
+fixtures stay out of the rest of the suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from servers import serve_in_thread
+
+from demo_app import Settings, create_app
+from demo_app.faults import Behaviour
+from demo_app.upstream import UpstreamSimulator, create_upstream_app
+
+T = TypeVar("T")
+
+LOOPS = [
+    pytest.param("asyncio", id="asyncio"),
+    pytest.param(
+        "uvloop",
+        id="uvloop",
+        marks=pytest.mark.skipif(sys.platform == "win32", reason="uvloop has no Windows support"),
+    ),
+]
+
+
+@dataclass
+class Stack:
+    """A running demo and the simulator it calls."""
+
+    url: str
+    upstream_url: str
+    app: FastAPI
+    sim: UpstreamSimulator
+
+    def sim_stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = httpx.get(f"{self.upstream_url}/_sim/stats").json()
+        return stats
+
+    def events(self) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = httpx.get(f"{self.upstream_url}/analytics/events").json()[
+            "events"
+        ]
+        return events
+
+    def reset(self) -> None:
+        httpx.post(f"{self.upstream_url}/_sim/reset").raise_for_status()
+
+
+@contextlib.contextmanager
+def serve_simulator(
+    loop: str = "asyncio",
+    *,
+    defaults: Behaviour | None = None,
+    rules: Mapping[str, Behaviour] | None = None,
+) -> Iterator[tuple[str, UpstreamSimulator]]:
+    """A simulator on loopback; ``defaults`` are explicit so SIM_* variables cannot leak in."""
+    sim = create_upstream_app(defaults or Behaviour(), rules=rules, seed=0)
+    with serve_in_thread(sim, loop=loop) as server:
+        yield server.url, sim
+
+
+@contextlib.contextmanager
+def serve_stack(
+    loop: str = "asyncio",
+    *,
+    defaults: Behaviour | None = None,
+    rules: Mapping[str, Behaviour] | None = None,
+    **settings: Any,
+) -> Iterator[Stack]:
+    """The simulator and the demo (without loopwatch), ``settings`` overriding Settings."""
+    with serve_simulator(loop, defaults=defaults, rules=rules) as (upstream_url, sim):
+        app = create_app(Settings(upstream_url=upstream_url, **settings), instrument=False)
+        with serve_in_thread(app, loop=loop) as demo:
+            yield Stack(demo.url, upstream_url, app, sim)
+
+
+@pytest.fixture(scope="module", params=LOOPS)
+def shared_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    with serve_stack(request.param) as stack:
+        yield stack
+
+
+@pytest.fixture
+def stack(shared_stack: Stack) -> Stack:
+    """The module's demo and simulator, on each loop, with the simulator's counters cleared."""
+    shared_stack.reset()
+    return shared_stack
+
+
+def timed(call: Callable[[], T]) -> tuple[T, float]:
+    start = time.perf_counter()
+    result = call()
+    return result, time.perf_counter() - start
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 5.0) -> T:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.02)
+    return result
