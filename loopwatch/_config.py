@@ -149,9 +149,9 @@ def _coerce(name: str, kind: type, value: Any) -> Any:
         if not low <= value <= high:
             raise _bad(name, value)
         return value
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
         raise _bad(name, value)
-    if name == "block_threshold" and value > 60:
+    if name == "block_threshold" and number > 60:
         raise _bad(name, value)
-    return value
+    return number

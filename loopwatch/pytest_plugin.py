@@ -77,6 +77,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _global_limit(config)  # a bad value is a usage error before any test runs
     config.addinivalue_line(
         "markers",
         "loopwatch(max_block=0.1): fail this async test if its event loop blocked for "
@@ -127,6 +128,11 @@ def _limit_for(item: pytest.Item) -> tuple[float | None, bool]:
             )
         return float(max_block), True
     return _global_limit(item.config), False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        _limit_for(item)  # a bad marker is a usage error, not a failure of one test
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ fixtures stay out of the rest of the suite.
 from __future__ import annotations
 
 import contextlib
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 from fastapi import FastAPI
-from servers import serve_in_thread
+from servers import RunningServer, serve_in_thread
 
 from demo_app import Settings, create_app
 from demo_app.faults import Behaviour
@@ -36,25 +37,44 @@ LOOPS = [
 
 @dataclass
 class Stack:
-    """A running demo and the simulator it calls."""
+    """A running demo and the simulator it calls, with a client for each."""
 
     url: str
     upstream_url: str
     app: FastAPI
     sim: UpstreamSimulator
+    #: Talks to the demo (base URL ``url``).
+    client: httpx.Client
+    #: Talks to the simulator (base URL ``upstream_url``).
+    upstream: httpx.Client
 
     def sim_stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = httpx.get(f"{self.upstream_url}/_sim/stats").json()
+        stats: dict[str, Any] = self.upstream.get("/_sim/stats").json()
         return stats
 
     def events(self) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = httpx.get(f"{self.upstream_url}/analytics/events").json()[
-            "events"
-        ]
+        events: list[dict[str, Any]] = self.upstream.get("/analytics/events").json()["events"]
         return events
 
     def reset(self) -> None:
-        httpx.post(f"{self.upstream_url}/_sim/reset").raise_for_status()
+        self.upstream.post("/_sim/reset").raise_for_status()
+
+
+@contextlib.contextmanager
+def serve(app: Any, loop: str) -> Iterator[RunningServer]:
+    """``serve_in_thread`` with TCP_NODELAY on the connections it accepts.
+
+    ``serve_in_thread`` binds a socket created with protocol 0, and asyncio only sets
+    TCP_NODELAY on accepted sockets whose protocol is IPPROTO_TCP. Without it, every
+    keep-alive response on the asyncio loop stalls ~40 ms (Nagle's algorithm waiting on the
+    client's delayed ACK), which uvicorn binding its own port does not suffer. Accepted
+    sockets inherit the option from the listening one.
+    """
+    with serve_in_thread(app, loop=loop) as server:
+        for listener in server.server.servers:
+            for sock in listener.sockets:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        yield server
 
 
 @contextlib.contextmanager
@@ -66,7 +86,7 @@ def serve_simulator(
 ) -> Iterator[tuple[str, UpstreamSimulator]]:
     """A simulator on loopback; ``defaults`` are explicit so SIM_* variables cannot leak in."""
     sim = create_upstream_app(defaults or Behaviour(), rules=rules, seed=0)
-    with serve_in_thread(sim, loop=loop) as server:
+    with serve(sim, loop) as server:
         yield server.url, sim
 
 
@@ -81,8 +101,12 @@ def serve_stack(
     """The simulator and the demo (without loopwatch), ``settings`` overriding Settings."""
     with serve_simulator(loop, defaults=defaults, rules=rules) as (upstream_url, sim):
         app = create_app(Settings(upstream_url=upstream_url, **settings), instrument=False)
-        with serve_in_thread(app, loop=loop) as demo:
-            yield Stack(demo.url, upstream_url, app, sim)
+        with (
+            serve(app, loop) as demo,
+            httpx.Client(base_url=demo.url, timeout=10) as client,
+            httpx.Client(base_url=upstream_url, timeout=10) as upstream,
+        ):
+            yield Stack(demo.url, upstream_url, app, sim, client, upstream)
 
 
 @pytest.fixture(scope="module", params=LOOPS)
