@@ -32,17 +32,20 @@ BlockMs = Annotated[
 ]
 
 
-def _client(request: Request) -> httpx.AsyncClient:
+# The dependencies below are ``async def`` although they never await: FastAPI runs a plain
+# ``def`` dependency in its thread pool, so an exhausted pool (see
+# /antipatterns/sync-def) would stall every route that uses one.
+async def _client(request: Request) -> httpx.AsyncClient:
     client: httpx.AsyncClient = request.app.state.http_client
     return client
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def _sim_control(request: Request) -> dict[str, str]:
+async def _sim_control(request: Request) -> dict[str, str]:
     """The request's ``X-Sim-*`` headers, which the demo forwards to every upstream call.
 
     They let a caller make the simulated upstream slow or failing for one demo request

@@ -2,12 +2,17 @@
 
 Measures event-loop lag, loop busy time and per-request blocking time, catches every block
 with the exact line that blocked and a hint for the async replacement, and exports it all as
-Prometheus metrics.
+Prometheus metrics::
+
+    app.add_middleware(loopwatch.LoopWatchMiddleware)
+    app.mount("/metrics", loopwatch.metrics_app())
 """
 
+from ._apps import events_app, metrics_app
 from ._attribution import Owner, owner_scope
 from ._config import Config
 from ._events import BlockEvent, Frame
+from ._middleware import LoopWatchMiddleware
 from ._monitor import Monitor, get_monitor
 from ._watch import Watch, watch
 
@@ -17,11 +22,14 @@ __all__ = [
     "BlockEvent",
     "Config",
     "Frame",
+    "LoopWatchMiddleware",
     "Monitor",
     "Owner",
     "Watch",
     "__version__",
+    "events_app",
     "get_monitor",
+    "metrics_app",
     "owner_scope",
     "watch",
 ]

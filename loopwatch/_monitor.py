@@ -11,6 +11,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ._attribution import Owner
@@ -65,7 +66,8 @@ class Monitor:
         "loop", "config", "threshold", "step_start", "busy", "sample", "active",
         "lag_count", "lag_sum", "lag_max", "block_count", "blocks", "internal_errors",
         "probe_deadline", "untimed_sample",
-        "mode", "_closing", "_sinks", "_probe_handle", "_probe_due", "_busy_reported",
+        "mode", "_closing", "_sinks", "_probe_sinks", "_block_sinks", "_tick_sinks",
+        "_error_sinks", "_probe_handle", "_probe_due", "_busy_reported",
         "_watchdog", "_thread_id", "_next_tick", "_previous_factory", "_factory",
         "_watchdog_reported",
     )
@@ -99,6 +101,10 @@ class Monitor:
         self.mode = ""
         self._closing: tuple[float, Owner | None] = (0.0, None)
         self._sinks: list[Any] = []
+        self._probe_sinks: list[Callable[[float, float], None]] = []
+        self._block_sinks: list[Callable[[BlockEvent], None]] = []
+        self._tick_sinks: list[Callable[[], None]] = []
+        self._error_sinks: list[Callable[[], None]] = []
         self._probe_handle: asyncio.TimerHandle | None = None
         self._probe_due = 0.0
         self._busy_reported = 0.0
@@ -166,13 +172,25 @@ class Monitor:
         self.step_start = 0.0
 
     def add_sink(self, sink: Any) -> None:
-        """Subscribe ``sink`` (any object with on_probe/on_block/on_tick methods)."""
+        """Subscribe ``sink``: any object with some of ``on_probe(lag, busy_delta)``,
+        ``on_block(event)``, ``on_tick()`` (once a second) and ``on_internal_error()``."""
         if sink not in self._sinks:
             self._sinks.append(sink)
+            self._rebuild_sinks()
 
     def remove_sink(self, sink: Any) -> None:
         if sink in self._sinks:
             self._sinks.remove(sink)
+            self._rebuild_sinks()
+
+    def _rebuild_sinks(self) -> None:
+        def bound(name: str) -> list[Any]:
+            return [m for m in (getattr(s, name, None) for s in self._sinks) if m is not None]
+
+        self._probe_sinks = bound("on_probe")
+        self._block_sinks = bound("on_block")
+        self._tick_sinks = bound("on_tick")
+        self._error_sinks = bound("on_internal_error")
 
     @property
     def watchdog_thread(self) -> threading.Thread | None:
@@ -216,9 +234,9 @@ class Monitor:
             # Untimed code (see the watchdog) held the loop: the probe's lateness is the
             # best measure we have, a lower bound accurate to the probe interval.
             self._untimed_block(lag)
-        for sink in self._sinks:
+        for on_probe in self._probe_sinks:
             try:
-                sink.on_probe(lag, delta)
+                on_probe(lag, delta)
             except Exception:  # noqa: BLE001 - a sink never breaks the loop
                 self.internal_error("sink.on_probe")
         if _clock() >= self._next_tick:
@@ -236,13 +254,11 @@ class Monitor:
                 "loopwatch watchdog thread is dead: blocks are still timed, "
                 "but their stacks can no longer be sampled"
             )
-        for sink in self._sinks:
-            on_tick = getattr(sink, "on_tick", None)
-            if on_tick is not None:
-                try:
-                    on_tick()
-                except Exception:  # noqa: BLE001
-                    self.internal_error("sink.on_tick")
+        for on_tick in self._tick_sinks:
+            try:
+                on_tick()
+            except Exception:  # noqa: BLE001
+                self.internal_error("sink.on_tick")
 
     # -- blocks ------------------------------------------------------------------------
 
@@ -317,13 +333,11 @@ class Monitor:
         )
         self.block_count += 1
         self.blocks.append(event)
-        for sink in self._sinks:
-            on_block = getattr(sink, "on_block", None)
-            if on_block is not None:
-                try:
-                    on_block(event)
-                except Exception:  # noqa: BLE001
-                    self.internal_error("sink.on_block")
+        for on_block in self._block_sinks:
+            try:
+                on_block(event)
+            except Exception:  # noqa: BLE001
+                self.internal_error("sink.on_block")
         if self.config.log_blocks:
             _log_block(event)
 
@@ -332,13 +346,11 @@ class Monitor:
         self.internal_errors += 1
         if self.internal_errors == 1:
             logger.exception("loopwatch internal error in %s (further ones are only counted)", where)
-        for sink in self._sinks:
-            counter = getattr(sink, "on_internal_error", None)
-            if counter is not None:
-                try:
-                    counter()
-                except Exception:  # noqa: BLE001
-                    pass
+        for on_error in self._error_sinks:
+            try:
+                on_error()
+            except Exception:  # noqa: BLE001
+                pass
 
     def __repr__(self) -> str:
         state = "active" if self.active else "stopped"

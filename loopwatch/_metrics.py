@@ -1,0 +1,166 @@
+"""The Prometheus metrics: built once per registry, label children bound once and reused.
+
+The only module that imports prometheus_client. Metric names are a contract shared with the
+dashboard, the alert rules and the docs. Everything is a counter, a histogram or a gauge
+owned by this process, so prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``)
+works without a custom collector.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from ._events import BlockEvent
+
+__all__ = ["LoopWatchMetrics", "metrics_for"]
+
+#: OpenTelemetry's recommended HTTP server duration buckets.
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BLOCK_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BLOCKING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0)
+
+NONE = "<none>"
+
+_lock = threading.Lock()
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, LoopWatchMetrics] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def metrics_for(registry: CollectorRegistry | None = None) -> LoopWatchMetrics:
+    """The metrics of ``registry`` (default: the global one), created on first use."""
+    registry = REGISTRY if registry is None else registry
+    with _lock:
+        metrics = _by_registry.get(registry)
+        if metrics is None:
+            metrics = _by_registry[registry] = LoopWatchMetrics(registry)
+        return metrics
+
+
+class LoopWatchMetrics:
+    """All loopwatch metrics of one registry, and a monitor sink that feeds them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.lag = Histogram(
+            "loopwatch_event_loop_lag_seconds",
+            "How late the event loop ran a probe callback that was due (every probe).",
+            buckets=LAG_BUCKETS, registry=r,
+        )
+        self.busy = Counter(
+            "loopwatch_event_loop_busy_seconds",
+            "Seconds the event loop spent running callbacks and task steps; "
+            "its rate is the loop's utilization.",
+            registry=r,
+        )
+        self.blocks = Histogram(
+            "loopwatch_event_loop_block_duration_seconds",
+            "Duration of each block: one callback or task step holding the loop longer than "
+            "the threshold.",
+            ["method", "route"], buckets=BLOCK_BUCKETS, registry=r,
+        )
+        self.request_blocking = Histogram(
+            "loopwatch_request_blocking_seconds",
+            "Event-loop time held by each request's own code (its task steps, the tasks it "
+            "spawned and its background tasks).",
+            ["method", "route"], buckets=BLOCKING_BUCKETS, registry=r,
+        )
+        self.request_duration = Histogram(
+            "loopwatch_request_duration_seconds",
+            "HTTP request duration, until the last byte of the response was handed to the "
+            "server.",
+            ["method", "route"], buckets=HTTP_BUCKETS, registry=r,
+        )
+        self.requests = Counter(
+            "loopwatch_requests",
+            "HTTP requests completed.",
+            ["method", "route", "status"], registry=r,
+        )
+        self.in_progress = Gauge(
+            "loopwatch_requests_in_progress",
+            "HTTP requests in progress (refreshed every second).",
+            ["method", "route"], registry=r, multiprocess_mode="livesum",
+        )
+        self.pool_busy = Gauge(
+            "loopwatch_threadpool_threads_busy",
+            "Threads of the default AnyIO thread pool (sync routes, to_thread) in use.",
+            registry=r, multiprocess_mode="livesum",
+        )
+        self.pool_limit = Gauge(
+            "loopwatch_threadpool_threads_limit",
+            "Size of the default AnyIO thread pool.",
+            registry=r, multiprocess_mode="livesum",
+        )
+        self.pool_waiting = Gauge(
+            "loopwatch_threadpool_tasks_waiting",
+            "Tasks waiting for a thread of the default AnyIO thread pool.",
+            registry=r, multiprocess_mode="livesum",
+        )
+        self.internal_errors = Counter(
+            "loopwatch_internal_errors",
+            "Failures inside loopwatch (each caught; the application was not affected).",
+            registry=r,
+        )
+        self._observe_lag = self.lag.observe
+        self._inc_busy = self.busy.inc
+        self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._count_children: dict[tuple[str, str, str], Any] = {}
+        self._block_children: dict[tuple[str, str], Any] = {}
+        self._in_progress_keys: set[tuple[str, str]] = set()
+
+    # -- monitor sink ---------------------------------------------------------------------
+
+    def on_probe(self, lag: float, busy_delta: float) -> None:
+        self._observe_lag(lag)
+        if busy_delta > 0.0:
+            self._inc_busy(busy_delta)
+
+    def on_block(self, event: BlockEvent) -> None:
+        key = (event.method or NONE, event.route or NONE)
+        child = self._block_children.get(key)
+        if child is None:
+            child = self._block_children[key] = self.blocks.labels(*key)
+        child.observe(event.duration)
+
+    def on_internal_error(self) -> None:
+        self.internal_errors.inc()
+
+    # -- requests -------------------------------------------------------------------------
+
+    def observe_request(
+        self, method: str, route: str, status: str, duration: float, blocking: float
+    ) -> None:
+        key = (method, route)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.request_duration.labels(method, route),
+                self.request_blocking.labels(method, route),
+            )
+        children[0].observe(duration)
+        children[1].observe(blocking)
+        ckey = (method, route, status)
+        counter = self._count_children.get(ckey)
+        if counter is None:
+            counter = self._count_children[ckey] = self.requests.labels(method, route, status)
+        counter.inc()
+
+    def set_in_progress(self, counts: dict[tuple[str, str], int]) -> None:
+        """Publish in-flight request counts; keys no longer in flight drop to zero."""
+        for key in self._in_progress_keys - counts.keys():
+            self.in_progress.labels(*key).set(0)
+        for key, value in counts.items():
+            self.in_progress.labels(*key).set(value)
+        self._in_progress_keys |= counts.keys()
+
+    def set_threadpool(self, busy: float, limit: float, waiting: int) -> None:
+        self.pool_busy.set(busy)
+        self.pool_limit.set(limit)
+        self.pool_waiting.set(waiting)

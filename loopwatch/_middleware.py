@@ -1,0 +1,239 @@
+"""The pure ASGI middleware: per-request blocking time, HTTP metrics, monitor lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from ._attribution import Owner, current_owner
+from ._config import Config
+from ._metrics import LoopWatchMetrics, metrics_for
+from ._monitor import Monitor, get_monitor
+from ._routes import method_label, route_label
+
+__all__ = ["LoopWatchMiddleware"]
+
+logger = logging.getLogger("loopwatch")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_clock = time.perf_counter
+
+
+class _RequestOwner(Owner):
+    """The loop time of one request; its route is read from the scope once routed."""
+
+    __slots__ = ("scope", "root_path")
+
+    method: str
+
+    def __init__(self, method: str, scope: Scope, root_path: str) -> None:
+        super().__init__(method, None)
+        self.scope = scope
+        self.root_path = root_path
+
+    def labels(self) -> tuple[str | None, str | None]:
+        return self.method, route_label(self.scope, self.root_path)
+
+
+class LoopWatchMiddleware:
+    """Measures every HTTP request's event-loop blocking time and exports loop health.
+
+    ``app.add_middleware(loopwatch.LoopWatchMiddleware)`` is all it takes. The loop monitor
+    starts on lifespan startup (or on the first request when the server runs without
+    lifespan) and stops on shutdown; an already running monitor on the loop is shared.
+
+    Options: ``registry`` (a prometheus ``CollectorRegistry``, default the global one),
+    ``exclude_paths`` (paths that are neither measured nor counted; default ``/metrics``),
+    and any :class:`~loopwatch.Config` option such as ``block_threshold``. Unset options
+    are read from ``LOOPWATCH_*`` environment variables, and all are validated here.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        registry: CollectorRegistry | None = None,
+        exclude_paths: Iterable[str] = ("/metrics",),
+        config: Config | None = None,
+        **options: Any,
+    ) -> None:
+        self.app = app
+        if config is not None and options:
+            raise ValueError("loopwatch: pass either config= or options, not both")
+        self.config = config if config is not None else Config.from_env(**options)
+        if isinstance(exclude_paths, str):
+            raise ValueError(
+                f"loopwatch: invalid exclude_paths={exclude_paths!r}; allowed: an iterable "
+                "of paths such as ('/metrics', '/health')"
+            )
+        self.exclude_paths = frozenset(exclude_paths)
+        for path in self.exclude_paths:
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise ValueError(
+                    f"loopwatch: invalid exclude_paths entry {path!r}; allowed: paths "
+                    "starting with '/'"
+                )
+        # "/metrics" also excludes what is mounted under it ("/metrics/").
+        self._excluded_prefixes = tuple(p.rstrip("/") + "/" for p in self.exclude_paths)
+        self.metrics: LoopWatchMetrics = metrics_for(registry)
+        self.monitor: Monitor | None = None
+        self._owns_monitor = False
+        self._in_flight: set[_RequestOwner] = set()
+        self._limiter: Any = None
+        self._errors_logged = False
+
+    # -- ASGI -----------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "lifespan":
+                await self.app(scope, self._lifespan_receive(receive), self._lifespan_send(send))
+                return
+            if self.monitor is None:
+                self._start()
+            await self.app(scope, receive, send)
+            return
+        if self.monitor is None:
+            self._start()
+        path = scope["path"]
+        if path in self.exclude_paths or path.startswith(self._excluded_prefixes):
+            await self.app(scope, receive, send)
+            return
+
+        owner = _RequestOwner(method_label(scope["method"]), scope, scope.get("root_path", ""))
+        token = current_owner.set(owner)
+        in_flight = self._in_flight
+        in_flight.add(owner)
+        status = 0
+        ended = 0.0
+        start = _clock()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, ended
+            kind = message["type"]
+            if kind == "http.response.start":
+                status = message["status"]
+            elif kind == "http.response.body" and not message.get("more_body", False):
+                ended = _clock()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException:
+            if not status:
+                status = 500
+            raise
+        finally:
+            in_flight.discard(owner)
+            try:
+                self._record(owner, status, start, ended)
+            except Exception:  # noqa: BLE001 - never break the app we watch
+                self._internal_error("recording a request")
+            current_owner.reset(token)
+
+    def _record(self, owner: _RequestOwner, status: int, start: float, ended: float) -> None:
+        monitor = self.monitor
+        # Charge the step that is still running too: a handler that blocks and returns
+        # without another await would otherwise be charged nothing.
+        blocking = monitor.note_finished(owner) if monitor is not None else owner.busy
+        duration = (ended or _clock()) - start
+        route = route_label(owner.scope, owner.root_path)
+        self.metrics.observe_request(owner.method, route, str(status or 500), duration, blocking)
+
+    # -- lifespan -------------------------------------------------------------------------
+
+    def _lifespan_receive(self, receive: Receive) -> Receive:
+        async def wrapped() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._start()
+            return message
+
+        return wrapped
+
+    def _lifespan_send(self, send: Send) -> Send:
+        async def wrapped(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                self._stop()
+            await send(message)
+
+        return wrapped
+
+    def _start(self) -> None:
+        if self.monitor is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+            monitor = get_monitor(loop)
+            if monitor is None:
+                monitor = Monitor(loop, config=self.config).start()
+                self._owns_monitor = True
+            monitor.add_sink(self.metrics)
+            monitor.add_sink(self)
+            self.monitor = monitor
+            self._limiter = _default_thread_limiter()
+        except Exception:  # noqa: BLE001
+            self._internal_error("starting the loop monitor")
+
+    def _stop(self) -> None:
+        monitor = self.monitor
+        if monitor is None:
+            return
+        self.monitor = None
+        try:
+            monitor.remove_sink(self.metrics)
+            monitor.remove_sink(self)
+            if self._owns_monitor:
+                monitor.stop()
+                self._owns_monitor = False
+        except Exception:  # noqa: BLE001
+            self._internal_error("stopping the loop monitor")
+
+    # -- once a second, on the loop (monitor sink) ------------------------------------------
+
+    def on_tick(self) -> None:
+        counts: dict[tuple[str, str], int] = {}
+        for owner in self._in_flight:
+            key = (owner.method, route_label(owner.scope, owner.root_path))
+            counts[key] = counts.get(key, 0) + 1
+        self.metrics.set_in_progress(counts)
+        limiter = self._limiter
+        if limiter is not None:
+            self.metrics.set_threadpool(
+                limiter.borrowed_tokens, limiter.total_tokens,
+                limiter.statistics().tasks_waiting,
+            )
+
+    def _internal_error(self, where: str) -> None:
+        try:
+            self.metrics.on_internal_error()
+        except Exception:  # noqa: BLE001
+            pass
+        if not self._errors_logged:
+            self._errors_logged = True
+            logger.exception("loopwatch internal error while %s (further ones are only counted)",
+                             where)
+
+
+def _default_thread_limiter() -> Any:
+    """AnyIO's default thread limiter (sync routes, to_thread), if AnyIO is in use."""
+    try:
+        import anyio.to_thread
+    except ImportError:
+        return None
+    try:
+        return anyio.to_thread.current_default_thread_limiter()
+    except Exception:  # noqa: BLE001 - not inside an AnyIO-compatible context
+        return None
+

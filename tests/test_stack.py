@@ -1,0 +1,293 @@
+"""End-to-end: the dashboard and the rules against a real Prometheus on loopback.
+
+``test_stack_end_to_end`` runs the real stack (``python -m dashboards.stack``'s :class:`Stack`:
+upstream simulator, demo app, Prometheus from the system packages with the repository's rule
+files), drives the demo's load generator plus an event-loop-blocking anti-pattern, and asserts
+through Prometheus's HTTP API that
+
+* every query of every dashboard panel, with the template variables substituted as Grafana
+  would, returns data (at least one finite sample), and
+* ``LoopwatchEventLoopBlocked`` goes to ``firing`` while the anti-pattern runs and back to
+  ``inactive`` after it stops.
+
+Alert hold durations: the stack caps every alert's ``for:`` at ``ALERT_FOR`` in a generated copy
+of the rule files (``--alert-for``); expressions, thresholds and rate windows are the repository's.
+The unmodified ``for:`` durations are covered by promtool unit tests (tests/test_rules.py).
+
+``test_contract_exporter`` does the same against a hand-written exporter that serves exactly the
+metric names and labels of loopwatch's metric contract: it checks the dashboard and rules against
+the contract itself, independently of the demo.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dashboards import stack as st  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("prometheus") or Path("/usr/bin/prometheus").exists()),
+    reason="needs the prometheus binary (Debian package `prometheus`)",
+)
+
+BLOCKED_ALERT = "LoopwatchEventLoopBlocked"
+ALERT_FOR = "5s"
+# A route of the demo that blocks the event loop with time.sleep for `ms` milliseconds.
+ANTI_PATTERN_PATH = "/antipatterns/sleep?ms=150"
+ANTI_PATTERN_CONCURRENCY = 2  # enough to keep the loop blocked; few enough to let scrapes through
+
+
+def assert_all_panels_have_data(stack: st.Stack, timeout: float) -> list[st.PanelResult]:
+    dashboard = st.load_dashboard()
+    variables = stack.panel_variables(dashboard)
+    results: list[st.PanelResult] = []
+
+    def all_ok() -> bool:
+        nonlocal results
+        results = st.check_panels(stack.prometheus_url, dashboard, variables)
+        return all(r.ok for r in results)
+
+    try:
+        st.wait_for(all_ok, timeout=timeout, interval=1.0, what="every panel query to return data")
+    except TimeoutError:
+        pytest.fail("panel queries without data:\n" + st.format_panel_results(results))
+    assert len(results) == len(st.panel_targets(dashboard)) > 20
+    return results
+
+
+def wait_for_alert(stack: st.Stack, state: str, timeout: float) -> float:
+    start = time.monotonic()
+    st.wait_for(lambda: stack.alert_state(BLOCKED_ALERT) == state, timeout=timeout,
+                what=f"{BLOCKED_ALERT} to be {state}")
+    return time.monotonic() - start
+
+
+# --------------------------------------------------------------------------------------------
+# The real demo
+
+
+def _demo_missing() -> str | None:
+    for rel in ("loopwatch/_middleware.py", "demo_app/__main__.py", "demo_app/upstream.py",
+                "demo_app/load.py"):
+        if not (ROOT / rel).exists():
+            return f"{rel} does not exist yet"
+    return None
+
+
+class AntiPattern:
+    """Threads that keep requesting a blocking route of the demo until stopped (bounded in time)."""
+
+    def __init__(self, url: str, concurrency: int, max_seconds: float = 120.0) -> None:
+        import httpx
+
+        self._client = httpx.Client(timeout=10.0)
+        self._url = url
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + max_seconds
+        self.responses: dict[int, int] = {}
+        self.errors = 0
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(concurrency)]
+
+    def _run(self) -> None:
+        import httpx
+
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            try:
+                status = self._client.get(self._url).status_code
+                self.responses[status] = self.responses.get(status, 0) + 1
+            except httpx.HTTPError:
+                self.errors += 1
+
+    def __enter__(self) -> AntiPattern:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=15)
+        self._client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_demo_missing() is not None, reason=f"demo/middleware not there: {_demo_missing()}")
+def test_stack_end_to_end(tmp_path: Path) -> None:
+    with st.Stack(data_dir=tmp_path / "stack", alert_for=ALERT_FOR) as stack:
+        stack.wait_until_scraped(timeout=30)
+        assert stack.alert_state(BLOCKED_ALERT) == "inactive"
+
+        load = stack.start_load("--duration", "0", "--concurrency", "4")
+        with AntiPattern(stack.url("demo") + ANTI_PATTERN_PATH, ANTI_PATTERN_CONCURRENCY) as anti:
+            wait_for_alert(stack, "firing", timeout=60)
+            assert_all_panels_have_data(stack, timeout=60)
+            assert stack.alert_state(BLOCKED_ALERT) == "firing"
+        assert anti.responses.get(200, 0) > 0, f"anti-pattern route never answered 200: {anti.responses}"
+        stack.stop_process(load)
+
+        # The 1m rate window has to slide past the blocks: about a minute.
+        took = wait_for_alert(stack, "inactive", timeout=100)
+        assert took > 20, f"alert resolved after {took:.0f}s, before its 1m window could clear"
+        # Nothing left that blocks: the recorded share of time blocked is back to ~0.
+        blocked = stack.query("instance:loopwatch_event_loop_block_duration_seconds_sum:rate1m")
+        assert blocked and all(float(s["value"][1]) < 0.1 for s in blocked), blocked
+
+
+# --------------------------------------------------------------------------------------------
+# A hand-written exporter with loopwatch's metric contract
+
+
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BLOCK_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+
+
+class _Histogram:
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0.0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float, n: float) -> None:
+        i = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))
+        self.counts[i] += n
+        self.sum += value * n
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        sep = "," if labels else ""
+        out, cum = [], 0.0
+        for b, c in zip([*self.buckets, math.inf], self.counts):
+            cum += c
+            le = "+Inf" if b == math.inf else repr(float(b))
+            out.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {cum}')
+        out.append(f"{name}_sum{{{labels}}} {self.sum}")
+        out.append(f"{name}_count{{{labels}}} {cum}")
+        return out
+
+
+class ContractExporter:
+    """Serves /metrics with loopwatch's metric names; ``blocking`` switches an anti-pattern on.
+
+    Values grow with wall time at fixed rates, as a steadily loaded app's would.
+    """
+
+    def __init__(self) -> None:
+        self.blocking = False
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+        self.busy = 0.0
+        self.lag = _Histogram(LAG_BUCKETS)
+        self.blocks: dict[tuple[str, str], _Histogram] = {}
+        self.req_blocking: dict[tuple[str, str], _Histogram] = {}
+        self.duration: dict[tuple[str, str], _Histogram] = {}
+        self.requests: dict[tuple[str, str, str], float] = {}
+
+    def _request(self, route: str, status: str, per_s: float, dt: float, dur: float, loop: float) -> None:
+        key = ("GET", route)
+        self.requests[("GET", route, status)] = self.requests.get(("GET", route, status), 0) + per_s * dt
+        self.duration.setdefault(key, _Histogram(HTTP_BUCKETS)).observe(dur, per_s * dt)
+        self.req_blocking.setdefault(key, _Histogram(LAG_BUCKETS)).observe(loop, per_s * dt)
+
+    def _advance(self) -> None:
+        now = time.monotonic()
+        dt, self._last = now - self._last, now
+        self.lag.observe(0.0008, 100 * dt)
+        self.busy += 0.2 * dt
+        self._request("/items/{item_id}", "200", 20, dt, 0.02, 0.004)
+        self._request("/items/{item_id}", "502", 1, dt, 0.05, 0.004)
+        self._request("/sync", "200", 5, dt, 0.3, 0.001)
+        if self.blocking:
+            self.lag.observe(0.2, 6 * dt)
+            self.busy += 0.6 * dt
+            self._request("/antipatterns/sleep", "200", 6, dt, 0.3, 0.15)
+            self.blocks.setdefault(("GET", "/antipatterns/sleep"), _Histogram(BLOCK_BUCKETS)).observe(0.15, 6 * dt)
+        # a rare block outside any request
+        self.blocks.setdefault(("", "<none>"), _Histogram(BLOCK_BUCKETS)).observe(0.12, 0.01 * dt)
+
+    def render(self) -> str:
+        with self._lock:
+            self._advance()
+            out = ["# TYPE loopwatch_event_loop_lag_seconds histogram"]
+            out += self.lag.lines("loopwatch_event_loop_lag_seconds", "")
+            out += ["# TYPE loopwatch_event_loop_busy_seconds_total counter",
+                    f"loopwatch_event_loop_busy_seconds_total {self.busy}"]
+            out.append("# TYPE loopwatch_event_loop_block_duration_seconds histogram")
+            for (m, r), h in self.blocks.items():
+                out += h.lines("loopwatch_event_loop_block_duration_seconds", f'method="{m}",route="{r}"')
+            out.append("# TYPE loopwatch_request_blocking_seconds histogram")
+            for (m, r), h in self.req_blocking.items():
+                out += h.lines("loopwatch_request_blocking_seconds", f'method="{m}",route="{r}"')
+            out.append("# TYPE loopwatch_request_duration_seconds histogram")
+            for (m, r), h in self.duration.items():
+                out += h.lines("loopwatch_request_duration_seconds", f'method="{m}",route="{r}"')
+            out.append("# TYPE loopwatch_requests_total counter")
+            for (m, r, s), v in self.requests.items():
+                out.append(f'loopwatch_requests_total{{method="{m}",route="{r}",status="{s}"}} {v}')
+            out.append("# TYPE loopwatch_requests_in_progress gauge")
+            for (m, r) in self.duration:
+                out.append(f'loopwatch_requests_in_progress{{method="{m}",route="{r}"}} 1')
+            out += ["# TYPE loopwatch_threadpool_threads_busy gauge", "loopwatch_threadpool_threads_busy 3",
+                    "# TYPE loopwatch_threadpool_threads_limit gauge", "loopwatch_threadpool_threads_limit 40",
+                    "# TYPE loopwatch_threadpool_tasks_waiting gauge", "loopwatch_threadpool_tasks_waiting 0",
+                    "# TYPE loopwatch_internal_errors_total counter", "loopwatch_internal_errors_total 0"]
+            return "\n".join(out) + "\n"
+
+
+@pytest.fixture
+def contract_exporter() -> Iterator[tuple[ContractExporter, str]]:
+    exporter = ContractExporter()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = exporter.render().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield exporter, f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_contract_exporter(tmp_path: Path, contract_exporter: tuple[ContractExporter, str]) -> None:
+    exporter, target = contract_exporter
+    with st.Stack(services=[], extra_targets=[target], data_dir=tmp_path / "stack",
+                  alert_for=ALERT_FOR) as stack:
+        stack.wait_until_scraped(timeout=30)
+        time.sleep(3)
+        assert stack.alert_state(BLOCKED_ALERT) == "inactive"
+        exporter.blocking = True
+        took = wait_for_alert(stack, "firing", timeout=40)
+        assert took >= st.parse_duration(ALERT_FOR) - 1  # it held for its (capped) for: duration
+        assert_all_panels_have_data(stack, timeout=30)
+        # The alerts about other failure modes stay quiet. (The lag alert may pend or fire too,
+        # depending on how much of its 1m window the blocking covers by now.)
+        states = {r["name"]: r["state"] for r in st.alerting_rules(stack.prometheus_url)}
+        quiet = {"LoopwatchEventLoopLongBlock", "LoopwatchEventLoopSaturated",
+                 "LoopwatchThreadPoolSaturated", "LoopwatchTargetDown", "LoopwatchMetricsAbsent",
+                 "LoopwatchInternalErrors"}
+        assert {name: states[name] for name in quiet} == dict.fromkeys(quiet, "inactive")
