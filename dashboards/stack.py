@@ -576,7 +576,7 @@ class Stack:
 
     def start_load(self, *args: str, name: str = "load") -> subprocess.Popen[bytes]:
         """Start the demo's load generator against the demo app; stopped with the stack."""
-        argv = [sys.executable, "-m", "demo_app.load", "--url", self.url("demo"), *args]
+        argv = [sys.executable, "-m", "demo_app.load", self.url("demo"), *args]
         proc = self._spawn(name, argv)
         self._extra.append((name, proc))
         return proc

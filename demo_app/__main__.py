@@ -12,7 +12,8 @@ import argparse
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import uvicorn
 
@@ -23,18 +24,37 @@ from .upstream import UpstreamSimulator, create_upstream_app
 
 __all__ = ["main"]
 
-_PORT = int_range(1, 65535)
-_LOOP = Spec(str, lambda v: v in ("asyncio", "uvloop"), "asyncio or uvloop")
 _WILDCARDS = {"", "0.0.0.0", "::"}
 
+# option -> (environment variable, spec, default). A flag wins over its variable.
+_OPTIONS: dict[str, tuple[str, Spec[Any], Any]] = {
+    "host": ("DEMO_HOST", Spec(str, bool, "a host name or address"), "127.0.0.1"),
+    "port": ("DEMO_PORT", int_range(1, 65535), 8000),
+    "upstream_port": ("DEMO_UPSTREAM_PORT", int_range(1, 65535), 8001),
+    "loop": (
+        "DEMO_LOOP",
+        Spec(str, lambda v: v in ("asyncio", "uvloop"), "asyncio or uvloop"),
+        "asyncio",
+    ),
+    "no_upstream": ("DEMO_NO_UPSTREAM", flag(), False),
+}
 
-def _url(host: str, port: int) -> str:
-    """A URL to reach a server bound to ``host``: a wildcard is reached on loopback."""
-    host = "127.0.0.1" if host in _WILDCARDS else host
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+def _typed(option: str) -> Callable[[str], Any]:
+    """An argparse ``type`` that reports a bad value the way the environment does."""
+    _, spec, _ = _OPTIONS[option]
+    flag_name = "--" + option.replace("_", "-")
+
+    def parse(raw: str) -> Any:
+        try:
+            return spec.from_text(flag_name, raw)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
-def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m demo_app",
         description=(
@@ -50,33 +70,22 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         ),
     )
     add = parser.add_argument
-    add(
-        "--host",
-        default=environ.get("DEMO_HOST", "127.0.0.1"),
-        help="bind address [DEMO_HOST] (default: %(default)s)",
-    )
-    add(
-        "--port",
-        type=int,
-        default=_PORT.from_env(environ, "DEMO_PORT", 8000),
-        help="the demo's port [DEMO_PORT] (default: %(default)s)",
-    )
+    add("--host", type=_typed("host"), help="bind address [DEMO_HOST] (default: 127.0.0.1)")
+    add("--port", type=_typed("port"), help="the demo's port [DEMO_PORT] (default: 8000)")
     add(
         "--upstream-port",
-        type=int,
-        default=_PORT.from_env(environ, "DEMO_UPSTREAM_PORT", 8001),
-        help="the simulator's port [DEMO_UPSTREAM_PORT] (default: %(default)s)",
+        type=_typed("upstream_port"),
+        help="the simulator's port [DEMO_UPSTREAM_PORT] (default: 8001)",
     )
     add(
         "--loop",
-        choices=("asyncio", "uvloop"),
-        default=_LOOP.from_env(environ, "DEMO_LOOP", "asyncio"),
-        help="event loop implementation [DEMO_LOOP] (default: %(default)s)",
+        type=_typed("loop"),
+        help="event loop, asyncio or uvloop [DEMO_LOOP] (default: asyncio)",
     )
     add(
         "--no-upstream",
-        action="store_true",
-        default=flag().from_env(environ, "DEMO_NO_UPSTREAM", False),
+        action="store_const",
+        const=True,
         help="do not start the simulator; call DEMO_UPSTREAM_URL instead [DEMO_NO_UPSTREAM]",
     )
     add(
@@ -87,9 +96,22 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add(
         "--access-log",
         action="store_true",
-        help="log every request (off: logging is itself blocking I/O)",
+        help="log every request (off by default: logging is itself blocking I/O)",
     )
     return parser
+
+
+def _resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """Fill the options not given as flags from the environment, or their defaults."""
+    for option, (variable, spec, default) in _OPTIONS.items():
+        if getattr(args, option) is None:
+            setattr(args, option, spec.from_env(environ, variable, default))
+
+
+def _url(host: str, port: int) -> str:
+    """A URL to reach a server bound to ``host``: a wildcard is reached on loopback."""
+    host = "127.0.0.1" if host in _WILDCARDS else host
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
@@ -99,13 +121,11 @@ def _settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
         return Settings.from_env(environ)
     if environ.get("DEMO_UPSTREAM_URL"):
         raise ConfigError(
-            f"DEMO_UPSTREAM_URL={environ['DEMO_UPSTREAM_URL']!r} is set but the built-in simulator"
-            " would be called: pass --no-upstream to call DEMO_UPSTREAM_URL, or unset it"
+            f"DEMO_UPSTREAM_URL={environ['DEMO_UPSTREAM_URL']!r} is set but the built-in"
+            " simulator would be called: pass --no-upstream to call DEMO_UPSTREAM_URL, or unset it"
         )
     if args.upstream_port == args.port:
-        raise ConfigError(
-            f"--upstream-port={args.upstream_port} is the demo's own port: pick another"
-        )
+        raise ConfigError(f"--upstream-port={args.upstream_port} is the demo's own port")
     return Settings.from_env(environ, upstream_url=_url(args.host, args.upstream_port))
 
 
@@ -126,37 +146,30 @@ def _start_simulator(
 
 def _banner(args: argparse.Namespace, settings: Settings) -> str:
     demo = _url(args.host, args.port)
-    lines = [f"loopwatch demo on {demo}", f"  API docs            {demo}/docs"]
+    lines = [f"loopwatch demo on {demo}", f"  API docs        {demo}/docs"]
     if not args.no_loopwatch:
+        # The trailing slashes spare curl the redirect from the mount point.
         lines += [
-            f"  metrics             {demo}/metrics",
-            f"  block events        {demo}/loopwatch/events",
+            f"  metrics         {demo}/metrics/",
+            f"  block events    {demo}/loopwatch/events/",
         ]
-    upstream = (
-        settings.upstream_url
-        if args.no_upstream
-        else f"{settings.upstream_url} (simulator, docs at /docs)"
-    )
+    simulator = "" if args.no_upstream else " (the simulator; its docs at /docs)"
     lines += [
-        f"  upstream            {upstream}",
-        "Block the loop and see where:",
+        f"  upstream        {settings.upstream_url}{simulator}",
+        "Block the loop, then see where:",
         f"  curl '{demo}/antipatterns/sleep?ms=300'",
-        f"  curl {demo}/loopwatch/events"
-        if not args.no_loopwatch
-        else f"  curl {demo}/dashboard/1",
-        f"Load: python -m demo_app.load {demo} --duration 0",
+        f"  curl {demo}/loopwatch/events/" if not args.no_loopwatch else "",
+        f"Keep it busy: python -m demo_app.load {demo} --duration 0",
     ]
-    return "\n".join(lines)
+    return "\n".join(line for line in lines if line)
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> None:
     env = os.environ if environ is None else environ
-    try:
-        parser = _parser(env)
-    except ConfigError as exc:
-        raise SystemExit(f"python -m demo_app: error: {exc}") from None
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
+        _resolve(args, env)
         settings = _settings(args, env)
         upstream = None if args.no_upstream else create_upstream_app(Behaviour.from_env(env))
     except ConfigError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import threading
 import time
@@ -33,6 +34,7 @@ logger = logging.getLogger("loopwatch")
 _clock = time.perf_counter
 _monitors: dict[asyncio.AbstractEventLoop, Monitor] = {}
 _TICK_SECONDS = 1.0
+_EMPTY = contextvars.Context()
 
 
 class Sink(Protocol):
@@ -145,7 +147,7 @@ class Monitor:
         # The first probe runs on the loop thread and starts the watchdog there, so that
         # start() works before run_forever() too.
         self._probe_due = loop.time()
-        self._probe_handle = loop.call_soon(self._first_probe)
+        self._probe_handle = loop.call_soon(self._first_probe, context=contextvars.Context())
         return self
 
     def stop(self) -> None:
@@ -213,7 +215,8 @@ class Monitor:
         # that measures it, not a burst of catch-up probes.
         interval = self.config.probe_interval
         self._probe_due = loop.time() + interval
-        self._probe_handle = loop.call_at(self._probe_due, self._probe)
+        # An empty context: the probe belongs to no request, whoever started the monitor.
+        self._probe_handle = loop.call_at(self._probe_due, self._probe, context=_EMPTY)
         # The same deadline on the watchdog's clock.
         self.probe_deadline = _clock() + interval
 

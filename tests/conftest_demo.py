@@ -1,7 +1,7 @@
-"""Shared fixtures for the demo's tests: the simulator and the demo as real uvicorn servers.
+"""Helpers for the demo's tests: the simulator and the demo as real uvicorn servers.
 
-Not a ``conftest.py``: the demo's test modules import what they use from here, so the
-fixtures stay out of the rest of the suite.
+Not a ``conftest.py``: the demo's test modules import what they use from here and keep
+their fixtures to themselves.
 """
 
 from __future__ import annotations
@@ -107,19 +107,6 @@ def serve_stack(
             httpx.Client(base_url=upstream_url, timeout=10) as upstream,
         ):
             yield Stack(demo.url, upstream_url, app, sim, client, upstream)
-
-
-@pytest.fixture(scope="module", params=LOOPS)
-def shared_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
-    with serve_stack(request.param) as stack:
-        yield stack
-
-
-@pytest.fixture
-def stack(shared_stack: Stack) -> Stack:
-    """The module's demo and simulator, on each loop, with the simulator's counters cleared."""
-    shared_stack.reset()
-    return shared_stack
 
 
 def timed(call: Callable[[], T]) -> tuple[T, float]:

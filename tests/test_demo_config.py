@@ -74,7 +74,7 @@ def test_a_bad_variable_names_itself_its_value_and_what_is_allowed(
 
 
 def test_keepalive_above_the_pool_size_is_refused() -> None:
-    with pytest.raises(ConfigError, match="DEMO_MAX_KEEPALIVE_CONNECTIONS.*larger than"):
+    with pytest.raises(ConfigError, match=r"DEMO_MAX_KEEPALIVE_CONNECTIONS.*larger than"):
         Settings.from_env({"DEMO_MAX_CONNECTIONS": "5", "DEMO_MAX_KEEPALIVE_CONNECTIONS": "6"})
 
 
@@ -92,7 +92,12 @@ def test_settings_are_frozen() -> None:
 
 
 def test_simulator_defaults_come_from_sim_variables() -> None:
-    env = {"SIM_DELAY_MS": "150", "SIM_JITTER_MS": "10", "SIM_ERROR_RATE": "0.25", "SIM_DROP": "reset"}
+    env = {
+        "SIM_DELAY_MS": "150",
+        "SIM_JITTER_MS": "10",
+        "SIM_ERROR_RATE": "0.25",
+        "SIM_DROP": "reset",
+    }
     assert Behaviour.from_env(env) == Behaviour(
         delay_ms=150, jitter_ms=10, error_rate=0.25, drop="reset"
     )
@@ -139,7 +144,12 @@ def _request() -> httpx.Request:
     [
         (httpx.ReadTimeout("timed out", request=_request()), 504, "upstream_timeout", True),
         (httpx.PoolTimeout("pool", request=_request()), 504, "upstream_timeout", True),
-        (httpx.ConnectError("[Errno 111] refused", request=_request()), 502, "upstream_unreachable", True),
+        (
+            httpx.ConnectError("[Errno 111] refused", request=_request()),
+            502,
+            "upstream_unreachable",
+            True,
+        ),
         (
             httpx.ConnectError("[Errno -2] Name or service not known", request=_request()),
             502,

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
-import httpx
+from collections.abc import Iterator
+
 import pytest
-from conftest_demo import Stack, shared_stack, stack  # noqa: F401  (fixtures)
+from conftest_demo import LOOPS, Stack, serve_stack
+
+
+@pytest.fixture(scope="module", params=LOOPS)
+def shared_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    with serve_stack(request.param) as stack:
+        yield stack
+
+
+@pytest.fixture
+def stack(shared_stack: Stack) -> Stack:
+    """The demo and the simulator, on each loop, with the simulator's counters cleared."""
+    shared_stack.reset()
+    return shared_stack
 
 
 def test_data(stack: Stack) -> None:

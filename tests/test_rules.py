@@ -1,0 +1,325 @@
+"""The Prometheus rule files: promtool's checks and unit tests, and the conventions they follow.
+
+promtool comes from the Debian package ``prometheus`` (/usr/bin/promtool). Without it these
+tests skip locally and fail under CI (``CI`` set), where it must be installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dashboards.contract import series_names  # noqa: E402
+
+PROM_DIR = ROOT / "dashboards" / "prometheus"
+RULES_DIR = PROM_DIR / "rules"
+RULE_FILES = sorted(RULES_DIR.glob("*.yml"))
+UNIT_TESTS = sorted((PROM_DIR / "tests").glob("*.test.yml"))
+RUNBOOK = ROOT / "docs" / "runbook.md"
+
+SEVERITIES = {"critical", "warning", "info"}
+#: The shortest range a rule may rate() over: 4 scrapes at a 15s scrape interval.
+MIN_WINDOW_SECONDS = 60
+
+
+def promtool() -> str:
+    found = shutil.which("promtool") or ("/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None)
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing: install the Debian package `prometheus`")
+        pytest.skip("promtool is missing: install the Debian package `prometheus`")
+    return found
+
+
+def run_promtool(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [promtool(), *map(str, args)], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+
+
+def load_rules(path: Path) -> list[dict[str, Any]]:
+    doc = yaml.safe_load(path.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def all_rules() -> list[dict[str, Any]]:
+    return [rule for path in RULE_FILES for rule in load_rules(path)]
+
+
+def alerting_rules() -> list[dict[str, Any]]:
+    return [r for r in all_rules() if "alert" in r]
+
+
+def recording_rules() -> list[dict[str, Any]]:
+    return [r for r in all_rules() if "record" in r]
+
+
+def duration_seconds(text: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+    parts = re.findall(r"(\d+)(ms|s|m|h|d|w|y)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    slug = heading.strip().lower()
+    slug = re.sub(r"[^\w\- ]", "", slug)
+    return slug.replace(" ", "-")
+
+
+def runbook_anchors() -> set[str]:
+    return {
+        github_anchor(m.group(1))
+        for m in re.finditer(r"^#{1,6}\s+(.+?)\s*$", RUNBOOK.read_text(), re.MULTILINE)
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# promtool
+
+
+def test_rule_files_exist() -> None:
+    names = {p.name for p in RULE_FILES}
+    assert {"loopwatch-recording.yml", "loopwatch-alerts.yml"} <= names
+    assert UNIT_TESTS, "no promtool unit tests in dashboards/prometheus/tests"
+
+
+def test_promtool_check_rules_is_clean() -> None:
+    result = run_promtool("check", "rules", "--lint=all", "--lint-fatal", *RULE_FILES)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("SUCCESS") == len(RULE_FILES), result.stdout
+    # Nothing to complain about, not even warnings.
+    assert "WARNING" not in (result.stdout + result.stderr).upper(), result.stdout + result.stderr
+
+
+def test_promtool_unit_tests_pass() -> None:
+    result = run_promtool("test", "rules", *UNIT_TESTS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout and "FAILED" not in result.stdout, result.stdout
+
+
+def test_promtool_check_config_of_the_compose_prometheus() -> None:
+    # rule_files in prometheus.yml is relative to it, so this checks the rules it loads too.
+    result = run_promtool("check", "config", PROM_DIR / "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(RULE_FILES)} rule files found" in result.stdout, result.stdout
+
+
+def test_promtool_rejects_a_broken_rule_file(tmp_path: Path) -> None:
+    """Control: the check above would notice a broken file."""
+    bad = tmp_path / "bad.yml"
+    bad.write_text("groups:\n  - name: x\n    rules:\n      - record: a:b:c\n        expr: sum(rate(x[1m])\n")
+    assert run_promtool("check", "rules", bad).returncode != 0
+
+
+# --------------------------------------------------------------------------------------------
+# The unit tests cover every alert, firing and not firing
+
+
+def unit_test_cases() -> Iterator[dict[str, Any]]:
+    for path in UNIT_TESTS:
+        for test in yaml.safe_load(path.read_text())["tests"]:
+            yield from test.get("alert_rule_test", [])
+
+
+def test_every_alert_has_a_firing_and_a_not_firing_case() -> None:
+    cases = list(unit_test_cases())
+    for rule in alerting_rules():
+        name, severity = rule["alert"], rule["labels"]["severity"]
+        fires = [
+            c for c in cases
+            if c["alertname"] == name
+            and any(a["exp_labels"].get("severity") == severity for a in c.get("exp_alerts") or [])
+        ]
+        quiet = [c for c in cases if c["alertname"] == name and not c.get("exp_alerts")]
+        assert fires, f"no promtool case where {name} ({severity}) fires"
+        assert quiet, f"no promtool case where {name} must not fire"
+
+
+def test_unit_tests_check_the_rendered_annotations() -> None:
+    """Every expected firing alert lists its annotations, so the templates are tested too."""
+    for case in unit_test_cases():
+        for alert in case.get("exp_alerts") or []:
+            ann = alert.get("exp_annotations", {})
+            assert {"summary", "description", "runbook_url"} <= ann.keys(), (case["alertname"], alert)
+
+
+def _mutations() -> list[tuple[str, int, str, dict[str, Any]]]:
+    """(description, rule index, field, new rule) for each alert: its threshold and hold moved."""
+    out = []
+    rules = load_rules(RULES_DIR / "loopwatch-alerts.yml")
+    for i, rule in enumerate(rules):
+        label = f"{rule['alert']}/{rule['labels']['severity']}"
+        m = re.search(r"(>=?|<=?)\s*([0-9.]+)\s*$", rule["expr"])
+        if m:
+            value = float(m.group(2))
+            moved = [value * 3, value / 3] if value else [1.0, -1.0]
+            for new in moved:
+                mutated = copy.deepcopy(rule)
+                mutated["expr"] = rule["expr"][: m.start(2)] + repr(new) + rule["expr"][m.end(2):]
+                out.append((f"{label}: threshold {value} -> {new}", i, "expr", mutated))
+        if "for" in rule:
+            seconds = duration_seconds(rule["for"])
+            for new_s in (seconds * 2, seconds / 2):
+                mutated = copy.deepcopy(rule)
+                mutated["for"] = f"{int(new_s)}s"
+                out.append((f"{label}: for {rule['for']} -> {mutated['for']}", i, "for", mutated))
+        if not m and "for" not in rule:
+            raise AssertionError(f"{label}: no threshold and no for: to mutate")
+    return out
+
+
+def test_unit_tests_pin_every_threshold_and_hold_duration(tmp_path: Path) -> None:
+    """Move any alert's threshold (x3, /3) or for: (x2, /2): the promtool unit tests must fail.
+
+    Proves the unit tests constrain each alert's numbers, rather than passing for any value.
+    """
+    promtool()
+    alerts_path = RULES_DIR / "loopwatch-alerts.yml"
+    doc = yaml.safe_load(alerts_path.read_text())
+    flat = [(g, j) for g, group in enumerate(doc["groups"]) for j in range(len(group["rules"]))]
+    mutations = _mutations()
+    assert len(mutations) >= 2 * len(flat)
+
+    def run(n: int) -> tuple[str, int, str]:
+        desc, i, _, mutated = mutations[n]
+        base = tmp_path / f"m{n}"
+        shutil.copytree(PROM_DIR / "rules", base / "rules")
+        shutil.copytree(PROM_DIR / "tests", base / "tests")
+        new_doc = copy.deepcopy(doc)
+        g, j = flat[i]
+        new_doc["groups"][g]["rules"][j] = mutated
+        (base / "rules" / alerts_path.name).write_text(yaml.safe_dump(new_doc, sort_keys=False))
+        tests = [base / "tests" / p.name for p in UNIT_TESTS]
+        result = run_promtool("test", "rules", *tests)
+        return desc, result.returncode, result.stdout
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, range(len(mutations))))
+    survivors = [desc for desc, code, _ in results if code == 0]
+    assert not survivors, "the promtool unit tests still pass with: " + "; ".join(survivors)
+
+
+# --------------------------------------------------------------------------------------------
+# Conventions
+
+
+def _by_clauses(expr: str) -> list[set[str]]:
+    return [
+        {label.strip() for label in m.group(1).split(",") if label.strip()}
+        for m in re.finditer(r"\bby\s*\(([^)]*)\)", expr)
+    ]
+
+
+def test_recording_rule_names_follow_level_metric_operations() -> None:
+    level_labels = {"instance": {"job", "instance"}, "job": {"job"}}
+    for rule in recording_rules():
+        name, expr = rule["record"], rule["expr"]
+        assert re.fullmatch(r"[a-z_]+:[a-z][a-z0-9_]*:[a-z][a-z0-9_]*", name), name
+        level, metric, ops = name.split(":")
+        assert metric.startswith("loopwatch_"), name
+        assert not metric.endswith("_total"), f"{name}: drop _total once rate() is applied"
+        assert level.split("_")[0] in level_labels, f"{name}: unknown level {level!r}"
+        # The outer aggregation keeps exactly the level's labels (plus le for buckets); inner
+        # ones may keep more.
+        keep = set(level_labels[level.split("_")[0]]) | (set(level.split("_")[1:]) - {"quantile"})
+        if metric.endswith("_bucket"):
+            keep.add("le")
+        clauses = _by_clauses(expr)
+        if clauses:
+            assert all(c >= keep for c in clauses), f"{name}: by {clauses}, level says {keep}"
+            assert clauses[0] == keep, f"{name}: by {clauses[0]}, level says {keep}"
+        else:  # built from another recorded series of the same level
+            assert re.search(rf"\b{level.split('_')[0]}:", expr), name
+        if "rate" in ops:
+            window = re.search(r"rate(\d+[smh])", ops).group(1)
+            assert all(w == window for w in re.findall(r"\[(\d+[smh])\]", expr)), name
+        if "quantile" in level:
+            assert "quantile" in rule.get("labels", {}), name
+
+
+def test_aggregations_keep_job_and_instance() -> None:
+    """Every ``by`` keeps job (and instance where the result is per target), never pid."""
+    for rule in all_rules():
+        name = rule.get("record") or rule["alert"]
+        for clause in _by_clauses(rule["expr"]):
+            assert "job" in clause, f"{name}: by {clause} drops job"
+            assert "pid" not in clause, f"{name}: by {clause} keeps worker pids apart"
+        if re.search(r"\b(sum|avg|max|min|count)\s*\(", rule["expr"].replace("by", "")):
+            assert _by_clauses(rule["expr"]), f"{name}: aggregates away every label"
+
+
+def test_rate_windows_are_at_least_four_scrapes() -> None:
+    for rule in all_rules():
+        for window in re.findall(r"\[(\d+[smhdwy])(?::[^\]]*)?\]", rule["expr"]):
+            assert duration_seconds(window) >= MIN_WINDOW_SECONDS, (rule.get("record") or rule["alert"], window)
+
+
+def test_rules_use_only_contract_metrics_or_recorded_series() -> None:
+    recorded = {r["record"] for r in recording_rules()}
+    contract = series_names()
+    for rule in all_rules():
+        for name in re.findall(r"\b(loopwatch_[a-z_]+|[a-z_]+:[a-z0-9_]+:[a-z0-9_]+)\b", rule["expr"]):
+            if ":" in name:
+                assert name in recorded, f"{name} is not recorded by any rule"
+            else:
+                assert name in contract, f"{name} is not in loopwatch's metric contract"
+
+
+def test_alerts_have_severity_summary_description_and_runbook() -> None:
+    anchors = runbook_anchors()
+    for rule in alerting_rules():
+        name = rule["alert"]
+        assert re.fullmatch(r"Loopwatch[A-Z][A-Za-z]+", name), name
+        assert rule["labels"]["severity"] in SEVERITIES, name
+        ann = rule["annotations"]
+        assert {"summary", "description", "runbook_url"} <= ann.keys(), name
+        assert "{{ $labels." in ann["description"], f"{name}: description names no label"
+        if not re.match(r"\s*up\s*==\s*0", rule["expr"]):  # there $value is always 0
+            assert re.search(r"\{\{ \$value \| humanize\w* \}\}", ann["summary"] + ann["description"]), name
+        url = ann["runbook_url"]
+        m = re.fullmatch(r"docs/runbook\.md#([a-z0-9-]+)", url)
+        assert m, f"{name}: runbook_url {url!r} is not docs/runbook.md#anchor"
+        assert m.group(1) in anchors, f"{name}: docs/runbook.md has no section #{m.group(1)}"
+        assert m.group(1) == github_anchor(name), f"{name}: runbook section should be named after the alert"
+
+
+def test_alert_holds_are_sensible() -> None:
+    holds = {r["alert"] + "/" + r["labels"]["severity"]: duration_seconds(r.get("for", "0s")) for r in alerting_rules()}
+    assert holds["LoopwatchEventLoopLagHigh/warning"] == 300
+    assert holds["LoopwatchEventLoopLagHigh/critical"] == 300
+    assert holds["LoopwatchEventLoopSaturated/warning"] == 600
+
+
+def test_alertmanager_config() -> None:
+    path = ROOT / "dashboards" / "alertmanager" / "alertmanager.yml"
+    config = yaml.safe_load(path.read_text())
+    names = {r["alert"] for r in alerting_rules()}
+    for rule in config.get("inhibit_rules", []):
+        for matcher in rule.get("source_matchers", []) + rule.get("target_matchers", []):
+            m = re.fullmatch(r'alertname="(\w+)"', matcher)
+            if m:
+                assert m.group(1) in names, f"inhibit rule names unknown alert {m.group(1)}"
+            m = re.fullmatch(r'severity="(\w+)"', matcher)
+            if m:
+                assert m.group(1) in SEVERITIES
+    amtool = shutil.which("amtool")
+    if amtool:
+        result = subprocess.run([amtool, "check-config", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
