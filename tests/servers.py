@@ -89,14 +89,22 @@ def serve_in_thread(
 
 @contextlib.contextmanager
 def serve_in_subprocess(
-    args: list[str], *, port: int, env: dict[str, str] | None = None, timeout: float = 20.0,
+    args: list[str], *, port: int, env: dict[str, str | None] | None = None,
+    timeout: float = 20.0,
     path: str = "/",
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``python args...`` in a subprocess and wait until ``port`` answers HTTP on ``path``."""
+    """Start ``python args...`` in a subprocess and wait until ``port`` answers HTTP on ``path``.
+
+    ``env`` adds variables to the environment; a value of None removes one.
+    """
     import httpx
 
     full_env = dict(os.environ)
-    full_env.update(env or {})
+    for key, val in (env or {}).items():
+        if val is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = val
     proc = subprocess.Popen(
         [sys.executable, *args], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )

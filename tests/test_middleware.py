@@ -88,7 +88,7 @@ def sample_server(loop_kind: str) -> Iterator[str]:
     port = free_port()
     args = ["-m", "uvicorn", "tests.apps.sample:app", "--port", str(port), "--loop", loop_kind,
             "--log-level", "warning"]
-    env = {"PYTHONPATH": str(ROOT), "PROMETHEUS_MULTIPROC_DIR": ""}
+    env: dict[str, str | None] = {"PYTHONPATH": str(ROOT), "PROMETHEUS_MULTIPROC_DIR": None}
     with serve_in_subprocess(args, port=port, env=env, path="/pid"):
         yield f"http://127.0.0.1:{port}"
 
@@ -333,7 +333,8 @@ def test_client_disconnect_mid_stream_is_recorded_once(
 
 def test_uvicorn_workers_share_metrics_in_multiprocess_mode(tmp_path: Path) -> None:
     port = free_port()
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    env: dict[str, str | None] = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+                                  "PYTHONPATH": str(ROOT)}
     args = ["-m", "uvicorn", "tests.apps.sample:app", "--workers", "2", "--port", str(port),
             "--log-level", "warning"]
     with serve_in_subprocess(args, port=port, env=env, path="/pid"):
