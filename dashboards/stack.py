@@ -40,7 +40,10 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS_DIR = ROOT / "dashboards"
@@ -78,14 +81,16 @@ def format_duration(seconds: float) -> str:
     """Seconds -> a Prometheus duration string (``90`` -> ``"90s"``, ``0.5`` -> ``"500ms"``)."""
     if seconds >= 1 and float(seconds).is_integer():
         return f"{int(seconds)}s"
-    return f"{int(round(seconds * 1000))}ms"
+    return f"{round(seconds * 1000)}ms"
 
 
 # --------------------------------------------------------------------------------------------
 # Rule files and Prometheus configuration
 
 
-def write_rule_files(dst: Path, *, alert_for: str | None = None, src: Path = RULES_DIR) -> list[Path]:
+def write_rule_files(
+    dst: Path, *, alert_for: str | None = None, src: Path = RULES_DIR
+) -> list[Path]:
     """Copy the rule files to ``dst``; with ``alert_for``, cap every alert's ``for:`` at it.
 
     Only the hold durations change: each alerting rule whose ``for`` is longer than
@@ -99,7 +104,7 @@ def write_rule_files(dst: Path, *, alert_for: str | None = None, src: Path = RUL
         if alert_for is None:
             shutil.copyfile(path, out)
         else:
-            import yaml  # only needed for the override
+            import yaml  # type: ignore[import-untyped,unused-ignore]  # only for the override
 
             cap = parse_duration(alert_for)
             doc = yaml.safe_load(path.read_text())
@@ -194,7 +199,7 @@ _STATE_ORDER = {"inactive": 0, "pending": 1, "firing": 2}
 
 def alert_state(prometheus_url: str, alertname: str) -> str:
     """``inactive``, ``pending`` or ``firing``: the worst state of the rules named ``alertname``."""
-    states = [r["state"] for r in alerting_rules(prometheus_url) if r["name"] == alertname]
+    states = [str(r["state"]) for r in alerting_rules(prometheus_url) if r["name"] == alertname]
     if not states:
         raise PrometheusError(f"Prometheus has no alerting rule named {alertname!r}")
     return max(states, key=_STATE_ORDER.__getitem__)
@@ -238,7 +243,8 @@ class PanelTarget:
 
 
 def load_dashboard(path: Path = DASHBOARD_PATH) -> dict[str, Any]:
-    return json.loads(path.read_text())
+    dashboard: dict[str, Any] = json.loads(path.read_text())
+    return dashboard
 
 
 def iter_panels(dashboard: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
@@ -422,8 +428,16 @@ def demo_services(*, demo_port: int = 0, upstream_port: int = 0) -> list[Service
     )
     demo = Service(
         name="demo",
-        argv=[sys.executable, "-m", "demo_app", "--host", "{host}", "--port", "{port}",
-              "--no-upstream"],
+        argv=[
+            sys.executable,
+            "-m",
+            "demo_app",
+            "--host",
+            "{host}",
+            "--port",
+            "{port}",
+            "--no-upstream",
+        ],
         port=demo_port,
         env={"DEMO_UPSTREAM_URL": "{upstream_url}"},
         ready_path="/metrics",
@@ -463,7 +477,9 @@ class Stack:
         self.prometheus_bin = prometheus_bin or find_prometheus()
         self.startup_timeout = startup_timeout
         self._own_data_dir = data_dir is None
-        self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="loopwatch-stack-"))
+        self.data_dir = (
+            Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="loopwatch-stack-"))
+        )
         self.log_dir = self.data_dir / "logs"
         self.prometheus: subprocess.Popen[bytes] | None = None
         self._extra: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -490,7 +506,7 @@ class Stack:
         return [f"{self.host}:{s.port}" for s in self.services if s.scrape] + self.extra_targets
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def __enter__(self) -> Stack:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -513,14 +529,21 @@ class Stack:
             subs[f"{other.name}_url"] = f"http://{self.host}:{other.port}"
         return subs
 
-    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, argv: list[str], env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         full_env = dict(os.environ)
         full_env.update(env or {})
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps its own fd
         try:
             return subprocess.Popen(
-                argv, cwd=ROOT, env=full_env, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
+                argv,
+                cwd=ROOT,
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         finally:
             log.close()
@@ -545,7 +568,9 @@ class Stack:
     def _start_prometheus(self) -> None:
         rule_files = write_rule_files(self.data_dir / "rules", alert_for=self.alert_for)
         config = prometheus_config(
-            self.targets, rule_files, scrape_interval=self.scrape_interval,
+            self.targets,
+            rule_files,
+            scrape_interval=self.scrape_interval,
             evaluation_interval=self.evaluation_interval,
         )
         config_path = self.data_dir / "prometheus.yml"
@@ -565,7 +590,7 @@ class Stack:
         def ready() -> bool:
             self._check_alive("prometheus", self.prometheus)
             with urllib.request.urlopen(f"{self.prometheus_url}/-/ready", timeout=1) as resp:
-                return resp.status == 200
+                return bool(resp.status == 200)
 
         wait_for(ready, timeout=self.startup_timeout, interval=0.2, what="Prometheus to be ready")
 
@@ -643,26 +668,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Run the demo app, the upstream simulator and Prometheus (with loopwatch's "
         "rules) on loopback, without Docker.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    parser.add_argument("--prometheus-port", type=int, default=9090, help="0 = any free port (default: %(default)s)")
-    parser.add_argument("--demo-port", type=int, default=8000, help="0 = any free port (default: %(default)s)")
-    parser.add_argument("--upstream-port", type=int, default=8001, help="0 = any free port (default: %(default)s)")
-    parser.add_argument("--data-dir", type=Path, help="Prometheus data, configuration and logs "
-                        "(default: a temporary directory, removed on exit)")
-    parser.add_argument("--scrape-interval", default="1s", help="scrape and rule evaluation interval (default: %(default)s)")
-    parser.add_argument("--alert-for", metavar="DURATION",
-                        help="cap every alert's for: at DURATION in the generated rule files (e.g. 10s)")
-    parser.add_argument("--load", action="store_true", help="also run `python -m demo_app.load` against the demo")
-    parser.add_argument("--concurrency", type=int, default=8, help="load generator concurrency (default: %(default)s)")
-    parser.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: run until Ctrl-C)")
-    parser.add_argument("--check-panels", action="store_true",
-                        help="at the end, run every dashboard panel query and exit 1 if any returns no data")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--prometheus-port", type=int, default=9090, help="0 = any free port (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--demo-port", type=int, default=8000, help="0 = any free port (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--upstream-port", type=int, default=8001, help="0 = any free port (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="Prometheus data, configuration and logs "
+        "(default: a temporary directory, removed on exit)",
+    )
+    parser.add_argument(
+        "--scrape-interval",
+        default="1s",
+        help="scrape and rule evaluation interval (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--alert-for",
+        metavar="DURATION",
+        help="cap every alert's for: at DURATION in the generated rule files (e.g. 10s)",
+    )
+    parser.add_argument(
+        "--load", action="store_true", help="also run `python -m demo_app.load` against the demo"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="load generator concurrency (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=0,
+        help="stop after this many seconds (default: run until Ctrl-C)",
+    )
+    parser.add_argument(
+        "--check-panels",
+        action="store_true",
+        help="at the end, run every dashboard panel query and exit 1 if any returns no data",
+    )
     args = parser.parse_args(argv)
 
     stack = Stack(
         services=demo_services(demo_port=args.demo_port, upstream_port=args.upstream_port),
-        host=args.host, prometheus_port=args.prometheus_port, data_dir=args.data_dir,
-        scrape_interval=args.scrape_interval, evaluation_interval=args.scrape_interval,
+        host=args.host,
+        prometheus_port=args.prometheus_port,
+        data_dir=args.data_dir,
+        scrape_interval=args.scrape_interval,
+        evaluation_interval=args.scrape_interval,
         alert_for=args.alert_for,
     )
     signal.signal(signal.SIGTERM, _interrupt)
@@ -678,13 +740,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             deadline = time.monotonic() + args.duration if args.duration else math.inf
             while time.monotonic() < deadline:
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-                for name, proc in [(s.name, s.process) for s in stack.services] + [("prometheus", stack.prometheus)]:
+                for name, proc in [(s.name, s.process) for s in stack.services] + [
+                    ("prometheus", stack.prometheus)
+                ]:
                     stack._check_alive(name, proc)
         except KeyboardInterrupt:
             print("stopping", flush=True)
         if args.check_panels:
             dashboard = load_dashboard()
-            results = check_panels(stack.prometheus_url, dashboard, stack.panel_variables(dashboard))
+            results = check_panels(
+                stack.prometheus_url, dashboard, stack.panel_variables(dashboard)
+            )
             print(format_panel_results(results))
             return 0 if all(r.ok for r in results) else 1
     return 0

@@ -22,8 +22,9 @@ The routes of *Build a FastAPI Async Backend That Calls External APIs Without Bl
 next to the mistakes it warns about (under `/antipatterns`).
 
 Every `X-Sim-*` request header is forwarded to the upstream simulator, so one request can
-make the upstream slow or fail: `X-Sim-Delay-Ms: 200`, `X-Sim-Status: 500`,
-`X-Sim-Hang: 1`, `X-Sim-Drop: 1`, `X-Sim-Garbage: 1`.
+make the upstream slow or fail: `X-Sim-Delay-Ms: 200`, `X-Sim-Jitter-Ms: 50`,
+`X-Sim-Status: 500`, `X-Sim-Error-Rate: 0.1`, `X-Sim-Hang: 1`, `X-Sim-Drop: close` (or
+`reset`), `X-Sim-Garbage: 1`.
 """
 
 

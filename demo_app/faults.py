@@ -15,7 +15,6 @@ import random
 import socket
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -41,10 +40,10 @@ _DROP = Spec(_parse_drop, lambda v: v in ("", "close", "reset"), "close, reset, 
 
 
 def _control(default: Any, header: str, env: str, spec: Spec[Any]) -> Any:
-    return field(default=default, metadata={"header": header, "env": env, "spec": spec})
+    return dataclasses.field(default=default, metadata={"header": header, "env": env, "spec": spec})
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Behaviour:
     """What the simulator does with a request before (or instead of) answering it."""
 

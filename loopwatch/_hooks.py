@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import time
-from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
 from ._attribution import current_owner
@@ -36,21 +35,27 @@ _monitor_for = _handle_monitors.get
 _owner_var = current_owner
 
 
-def _timed_run(self: asyncio.Handle) -> None:
-    mon = _monitor_for(self._loop)  # type: ignore[attr-defined]
+def _timed_run(
+    self: asyncio.Handle,
+    _get: Any = _monitor_for,
+    _run: Any = _original_run,
+    _clock: Any = _clock,
+    _var: Any = _owner_var,
+) -> None:
+    # Defaults bind globals as fast locals: this runs for every callback of the loop.
+    mon = _get(self._loop)  # type: ignore[attr-defined]
     if mon is None:
-        _original_run(self)
+        _run(self)
         return
     t0 = _clock()
     mon.step_start = t0
     try:
-        _original_run(self)
+        _run(self)
     finally:
         dt = _clock() - t0
         mon.step_start = 0.0
         mon.busy += dt
-        ctx: Context = self._context  # type: ignore[attr-defined]
-        owner = ctx.get(_owner_var)
+        owner = self._context.get(_var)  # type: ignore[attr-defined]
         if owner is not None:
             owner.busy += dt
         if dt >= mon.threshold:
@@ -87,14 +92,22 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
         self._coro = coro
         self._monitor = monitor
 
-    def send(self, value: Any) -> Any:
+    def send(self, value: Any, _clock: Any = _clock, _var: Any = _owner_var) -> Any:
         mon = self._monitor
         t0 = _clock()
         mon.step_start = t0
         try:
             return self._coro.send(value)
         finally:
-            self._account(mon, t0)
+            dt = _clock() - t0
+            mon.step_start = 0.0
+            if mon.active:
+                mon.busy += dt
+                owner = _var.get()
+                if owner is not None:
+                    owner.busy += dt
+                if dt >= mon.threshold:
+                    mon.on_block(t0, dt, owner, asyncio.current_task())
 
     def throw(self, *args: Any) -> Any:
         mon = self._monitor
@@ -103,19 +116,15 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
         try:
             return self._coro.throw(*args)
         finally:
-            self._account(mon, t0)
-
-    def _account(self, mon: Monitor, t0: float) -> None:
-        dt = _clock() - t0
-        mon.step_start = 0.0
-        if not mon.active:
-            return
-        mon.busy += dt
-        owner = _owner_var.get()
-        if owner is not None:
-            owner.busy += dt
-        if dt >= mon.threshold:
-            mon.on_block(t0, dt, owner, asyncio.current_task())
+            dt = _clock() - t0
+            mon.step_start = 0.0
+            if mon.active:
+                mon.busy += dt
+                owner = _owner_var.get()
+                if owner is not None:
+                    owner.busy += dt
+                if dt >= mon.threshold:
+                    mon.on_block(t0, dt, owner, asyncio.current_task())
 
     def close(self) -> None:
         self._coro.close()

@@ -59,9 +59,9 @@ class Watchdog:
         cfg = monitor.config
         self._threshold = cfg.block_threshold
         self._depth = cfg.stack_depth
-        # Polling at a quarter of the threshold bounds how late the first sample can be
-        # while costing a few wake-ups a second on an idle loop.
-        self._poll = max(cfg.block_threshold / 4, 0.001)
+        # Any poll period below the threshold sees every block-to-be before it crosses the
+        # threshold (and then wakes exactly at the crossing), at ~13 wake-ups a second.
+        self._poll = max(cfg.block_threshold * 0.75, 0.001)
         # How late a wake-up may be before we conclude the GIL was held: Python threads
         # hand the GIL over within the switch interval, so lateness far beyond it means a
         # C call kept it.

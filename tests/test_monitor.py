@@ -77,7 +77,7 @@ def test_awaited_sleep_is_no_block_and_lag_stays_low(run: Any) -> None:
 
     w = run(main())
     assert w.blocks == []
-    assert w.probes >= 10, w.probes
+    assert w.probes >= 4, w.probes  # the probe backs off on an idle loop
     # Every probe counts; a shared CI machine may delay one by a few ms, so the bound on the
     # worst single probe is looser than the bound on the mean.
     assert w.mean_lag < 0.005, w.mean_lag

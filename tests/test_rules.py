@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dashboards.contract import series_names  # noqa: E402
+from dashboards.contract import series_names
 
 PROM_DIR = ROOT / "dashboards" / "prometheus"
 RULES_DIR = PROM_DIR / "rules"
@@ -38,7 +38,9 @@ MIN_WINDOW_SECONDS = 60
 
 
 def promtool() -> str:
-    found = shutil.which("promtool") or ("/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None)
+    found = shutil.which("promtool") or (
+        "/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None
+    )
     if not found:
         if os.environ.get("CI"):
             pytest.fail("promtool is missing: install the Debian package `prometheus`")
@@ -48,7 +50,12 @@ def promtool() -> str:
 
 def run_promtool(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [promtool(), *map(str, args)], capture_output=True, text=True, timeout=120, cwd=cwd
+        [promtool(), *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
     )
 
 
@@ -124,7 +131,9 @@ def test_promtool_check_config_of_the_compose_prometheus() -> None:
 def test_promtool_rejects_a_broken_rule_file(tmp_path: Path) -> None:
     """Control: the check above would notice a broken file."""
     bad = tmp_path / "bad.yml"
-    bad.write_text("groups:\n  - name: x\n    rules:\n      - record: a:b:c\n        expr: sum(rate(x[1m])\n")
+    bad.write_text(
+        "groups:\n  - name: x\n    rules:\n      - record: a:b:c\n        expr: sum(rate(x[1m])\n"
+    )
     assert run_promtool("check", "rules", bad).returncode != 0
 
 
@@ -143,7 +152,8 @@ def test_every_alert_has_a_firing_and_a_not_firing_case() -> None:
     for rule in alerting_rules():
         name, severity = rule["alert"], rule["labels"]["severity"]
         fires = [
-            c for c in cases
+            c
+            for c in cases
             if c["alertname"] == name
             and any(a["exp_labels"].get("severity") == severity for a in c.get("exp_alerts") or [])
         ]
@@ -157,7 +167,10 @@ def test_unit_tests_check_the_rendered_annotations() -> None:
     for case in unit_test_cases():
         for alert in case.get("exp_alerts") or []:
             ann = alert.get("exp_annotations", {})
-            assert {"summary", "description", "runbook_url"} <= ann.keys(), (case["alertname"], alert)
+            assert {"summary", "description", "runbook_url"} <= ann.keys(), (
+                case["alertname"],
+                alert,
+            )
 
 
 def _mutations() -> list[tuple[str, int, str, dict[str, Any]]]:
@@ -172,7 +185,7 @@ def _mutations() -> list[tuple[str, int, str, dict[str, Any]]]:
             moved = [value * 3, value / 3] if value else [1.0, -1.0]
             for new in moved:
                 mutated = copy.deepcopy(rule)
-                mutated["expr"] = rule["expr"][: m.start(2)] + repr(new) + rule["expr"][m.end(2):]
+                mutated["expr"] = rule["expr"][: m.start(2)] + repr(new) + rule["expr"][m.end(2) :]
                 out.append((f"{label}: threshold {value} -> {new}", i, "expr", mutated))
         if "for" in rule:
             seconds = duration_seconds(rule["for"])
@@ -261,21 +274,29 @@ def test_aggregations_keep_job_and_instance() -> None:
         for clause in _by_clauses(rule["expr"]):
             assert "job" in clause, f"{name}: by {clause} drops job"
             assert "pid" not in clause, f"{name}: by {clause} keeps worker pids apart"
-        if re.search(r"\b(sum|avg|max|min|count)\s*\(", rule["expr"].replace("by", "")):
-            assert _by_clauses(rule["expr"]), f"{name}: aggregates away every label"
+        # No aggregation without `by`: `sum(...)` would fold every target into one series.
+        for m in re.finditer(
+            r"\b(sum|avg|max|min|count|group|topk)\s*(by|without)?\s*\(", rule["expr"]
+        ):
+            assert m.group(2) == "by", f"{name}: {m.group(0)!r} aggregates without `by`"
 
 
 def test_rate_windows_are_at_least_four_scrapes() -> None:
     for rule in all_rules():
         for window in re.findall(r"\[(\d+[smhdwy])(?::[^\]]*)?\]", rule["expr"]):
-            assert duration_seconds(window) >= MIN_WINDOW_SECONDS, (rule.get("record") or rule["alert"], window)
+            assert duration_seconds(window) >= MIN_WINDOW_SECONDS, (
+                rule.get("record") or rule["alert"],
+                window,
+            )
 
 
 def test_rules_use_only_contract_metrics_or_recorded_series() -> None:
     recorded = {r["record"] for r in recording_rules()}
     contract = series_names()
     for rule in all_rules():
-        for name in re.findall(r"\b(loopwatch_[a-z_]+|[a-z_]+:[a-z0-9_]+:[a-z0-9_]+)\b", rule["expr"]):
+        for name in re.findall(
+            r"\b(loopwatch_[a-z_]+|[a-z_]+:[a-z0-9_]+:[a-z0-9_]+)\b", rule["expr"]
+        ):
             if ":" in name:
                 assert name in recorded, f"{name} is not recorded by any rule"
             else:
@@ -292,16 +313,23 @@ def test_alerts_have_severity_summary_description_and_runbook() -> None:
         assert {"summary", "description", "runbook_url"} <= ann.keys(), name
         assert "{{ $labels." in ann["description"], f"{name}: description names no label"
         if not re.match(r"\s*up\s*==\s*0", rule["expr"]):  # there $value is always 0
-            assert re.search(r"\{\{ \$value \| humanize\w* \}\}", ann["summary"] + ann["description"]), name
+            assert re.search(
+                r"\{\{ \$value \| humanize\w* \}\}", ann["summary"] + ann["description"]
+            ), name
         url = ann["runbook_url"]
         m = re.fullmatch(r"docs/runbook\.md#([a-z0-9-]+)", url)
         assert m, f"{name}: runbook_url {url!r} is not docs/runbook.md#anchor"
         assert m.group(1) in anchors, f"{name}: docs/runbook.md has no section #{m.group(1)}"
-        assert m.group(1) == github_anchor(name), f"{name}: runbook section should be named after the alert"
+        assert m.group(1) == github_anchor(name), (
+            f"{name}: runbook section should be named after the alert"
+        )
 
 
 def test_alert_holds_are_sensible() -> None:
-    holds = {r["alert"] + "/" + r["labels"]["severity"]: duration_seconds(r.get("for", "0s")) for r in alerting_rules()}
+    holds = {
+        r["alert"] + "/" + r["labels"]["severity"]: duration_seconds(r.get("for", "0s"))
+        for r in alerting_rules()
+    }
     assert holds["LoopwatchEventLoopLagHigh/warning"] == 300
     assert holds["LoopwatchEventLoopLagHigh/critical"] == 300
     assert holds["LoopwatchEventLoopSaturated/warning"] == 600
@@ -321,5 +349,7 @@ def test_alertmanager_config() -> None:
                 assert m.group(1) in SEVERITIES
     amtool = shutil.which("amtool")
     if amtool:
-        result = subprocess.run([amtool, "check-config", str(path)], capture_output=True, text=True)
+        result = subprocess.run(
+            [amtool, "check-config", str(path)], check=False, capture_output=True, text=True
+        )
         assert result.returncode == 0, result.stdout + result.stderr

@@ -22,6 +22,7 @@ the contract itself, independently of the demo.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -37,12 +39,21 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dashboards import stack as st  # noqa: E402
+from dashboards import stack as st
 
-pytestmark = pytest.mark.skipif(
-    not (shutil.which("prometheus") or Path("/usr/bin/prometheus").exists()),
-    reason="needs the prometheus binary (Debian package `prometheus`)",
-)
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+
+@pytest.fixture(autouse=True)
+def _prometheus_binary() -> None:
+    """Skip without the prometheus binary; under CI (``CI`` set), where it must be, fail."""
+    if not (shutil.which("prometheus") or Path("/usr/bin/prometheus").exists()):
+        msg = "needs the prometheus binary (Debian package `prometheus`)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
 
 BLOCKED_ALERT = "LoopwatchEventLoopBlocked"
 ALERT_FOR = "5s"
@@ -71,8 +82,11 @@ def assert_all_panels_have_data(stack: st.Stack, timeout: float) -> list[st.Pane
 
 def wait_for_alert(stack: st.Stack, state: str, timeout: float) -> float:
     start = time.monotonic()
-    st.wait_for(lambda: stack.alert_state(BLOCKED_ALERT) == state, timeout=timeout,
-                what=f"{BLOCKED_ALERT} to be {state}")
+    st.wait_for(
+        lambda: stack.alert_state(BLOCKED_ALERT) == state,
+        timeout=timeout,
+        what=f"{BLOCKED_ALERT} to be {state}",
+    )
     return time.monotonic() - start
 
 
@@ -86,8 +100,14 @@ def _demo_missing() -> str | None:
         if not (ROOT / rel).exists():
             return f"{rel} does not exist yet"
     # `python -m demo_app.upstream` must be a command-line entry, as docker-compose.yml runs it.
-    out = subprocess.run([sys.executable, "-m", "demo_app.upstream", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "demo_app.upstream", "--help"],
+        cwd=ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if out.returncode != 0 or "usage" not in out.stdout.lower():
         return "`python -m demo_app.upstream --help` shows no usage: the simulator has no CLI yet"
     return None
@@ -105,7 +125,9 @@ class AntiPattern:
         self._deadline = time.monotonic() + max_seconds
         self.responses: dict[int, int] = {}
         self.errors = 0
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(concurrency)]
+        self._threads = [
+            threading.Thread(target=self._run, daemon=True) for _ in range(concurrency)
+        ]
 
     def _run(self) -> None:
         import httpx
@@ -117,7 +139,7 @@ class AntiPattern:
             except httpx.HTTPError:
                 self.errors += 1
 
-    def __enter__(self) -> AntiPattern:
+    def __enter__(self) -> Self:
         for t in self._threads:
             t.start()
         return self
@@ -143,7 +165,9 @@ def test_stack_end_to_end(tmp_path: Path) -> None:
             wait_for_alert(stack, "firing", timeout=60)
             assert_all_panels_have_data(stack, timeout=60)
             assert stack.alert_state(BLOCKED_ALERT) == "firing"
-        assert anti.responses.get(200, 0) > 0, f"anti-pattern route never answered 200: {anti.responses}"
+        assert anti.responses.get(200, 0) > 0, (
+            f"anti-pattern route never answered 200: {anti.responses}"
+        )
         stack.stop_process(load)
 
         # The 1m rate window has to slide past the blocks: about a minute.
@@ -203,9 +227,13 @@ class ContractExporter:
         self.duration: dict[tuple[str, str], _Histogram] = {}
         self.requests: dict[tuple[str, str, str], float] = {}
 
-    def _request(self, route: str, status: str, per_s: float, dt: float, dur: float, loop: float) -> None:
+    def _request(
+        self, route: str, status: str, per_s: float, dt: float, dur: float, loop: float
+    ) -> None:
         key = ("GET", route)
-        self.requests[("GET", route, status)] = self.requests.get(("GET", route, status), 0) + per_s * dt
+        self.requests[("GET", route, status)] = (
+            self.requests.get(("GET", route, status), 0) + per_s * dt
+        )
         self.duration.setdefault(key, _Histogram(HTTP_BUCKETS)).observe(dur, per_s * dt)
         self.req_blocking.setdefault(key, _Histogram(LAG_BUCKETS)).observe(loop, per_s * dt)
 
@@ -221,20 +249,28 @@ class ContractExporter:
             self.lag.observe(0.2, 6 * dt)
             self.busy += 0.6 * dt
             self._request("/antipatterns/sleep", "200", 6, dt, 0.3, 0.15)
-            self.blocks.setdefault(("GET", "/antipatterns/sleep"), _Histogram(BLOCK_BUCKETS)).observe(0.15, 6 * dt)
+            self.blocks.setdefault(
+                ("GET", "/antipatterns/sleep"), _Histogram(BLOCK_BUCKETS)
+            ).observe(0.15, 6 * dt)
         # a rare block outside any request
-        self.blocks.setdefault(("<none>", "<none>"), _Histogram(BLOCK_BUCKETS)).observe(0.12, 0.01 * dt)
+        self.blocks.setdefault(("<none>", "<none>"), _Histogram(BLOCK_BUCKETS)).observe(
+            0.12, 0.01 * dt
+        )
 
     def render(self) -> str:
         with self._lock:
             self._advance()
             out = ["# TYPE loopwatch_event_loop_lag_seconds histogram"]
             out += self.lag.lines("loopwatch_event_loop_lag_seconds", "")
-            out += ["# TYPE loopwatch_event_loop_busy_seconds_total counter",
-                    f"loopwatch_event_loop_busy_seconds_total {self.busy}"]
+            out += [
+                "# TYPE loopwatch_event_loop_busy_seconds_total counter",
+                f"loopwatch_event_loop_busy_seconds_total {self.busy}",
+            ]
             out.append("# TYPE loopwatch_event_loop_block_duration_seconds histogram")
             for (m, r), h in self.blocks.items():
-                out += h.lines("loopwatch_event_loop_block_duration_seconds", f'method="{m}",route="{r}"')
+                out += h.lines(
+                    "loopwatch_event_loop_block_duration_seconds", f'method="{m}",route="{r}"'
+                )
             out.append("# TYPE loopwatch_request_blocking_seconds histogram")
             for (m, r), h in self.req_blocking.items():
                 out += h.lines("loopwatch_request_blocking_seconds", f'method="{m}",route="{r}"')
@@ -245,12 +281,18 @@ class ContractExporter:
             for (m, r, s), v in self.requests.items():
                 out.append(f'loopwatch_requests_total{{method="{m}",route="{r}",status="{s}"}} {v}')
             out.append("# TYPE loopwatch_requests_in_progress gauge")
-            for (m, r) in self.duration:
+            for m, r in self.duration:
                 out.append(f'loopwatch_requests_in_progress{{method="{m}",route="{r}"}} 1')
-            out += ["# TYPE loopwatch_threadpool_threads_busy gauge", "loopwatch_threadpool_threads_busy 3",
-                    "# TYPE loopwatch_threadpool_threads_limit gauge", "loopwatch_threadpool_threads_limit 40",
-                    "# TYPE loopwatch_threadpool_tasks_waiting gauge", "loopwatch_threadpool_tasks_waiting 0",
-                    "# TYPE loopwatch_internal_errors_total counter", "loopwatch_internal_errors_total 0"]
+            out += [
+                "# TYPE loopwatch_threadpool_threads_busy gauge",
+                "loopwatch_threadpool_threads_busy 3",
+                "# TYPE loopwatch_threadpool_threads_limit gauge",
+                "loopwatch_threadpool_threads_limit 40",
+                "# TYPE loopwatch_threadpool_tasks_waiting gauge",
+                "loopwatch_threadpool_tasks_waiting 0",
+                "# TYPE loopwatch_internal_errors_total counter",
+                "loopwatch_internal_errors_total 0",
+            ]
             return "\n".join(out) + "\n"
 
 
@@ -259,7 +301,7 @@ def contract_exporter() -> Iterator[tuple[ContractExporter, str]]:
     exporter = ContractExporter()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             body = exporter.render().encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
@@ -283,8 +325,9 @@ def contract_exporter() -> Iterator[tuple[ContractExporter, str]]:
 
 def test_contract_exporter(tmp_path: Path, contract_exporter: tuple[ContractExporter, str]) -> None:
     exporter, target = contract_exporter
-    with st.Stack(services=[], extra_targets=[target], data_dir=tmp_path / "stack",
-                  alert_for=ALERT_FOR) as stack:
+    with st.Stack(
+        services=[], extra_targets=[target], data_dir=tmp_path / "stack", alert_for=ALERT_FOR
+    ) as stack:
         stack.wait_until_scraped(timeout=30)
         time.sleep(3)
         assert stack.alert_state(BLOCKED_ALERT) == "inactive"
@@ -295,7 +338,12 @@ def test_contract_exporter(tmp_path: Path, contract_exporter: tuple[ContractExpo
         # The alerts about other failure modes stay quiet. (The lag alert may pend or fire too,
         # depending on how much of its 1m window the blocking covers by now.)
         states = {r["name"]: r["state"] for r in st.alerting_rules(stack.prometheus_url)}
-        quiet = {"LoopwatchEventLoopLongBlock", "LoopwatchEventLoopSaturated",
-                 "LoopwatchThreadPoolSaturated", "LoopwatchTargetDown", "LoopwatchMetricsAbsent",
-                 "LoopwatchInternalErrors"}
+        quiet = {
+            "LoopwatchEventLoopLongBlock",
+            "LoopwatchEventLoopSaturated",
+            "LoopwatchThreadPoolSaturated",
+            "LoopwatchTargetDown",
+            "LoopwatchMetricsAbsent",
+            "LoopwatchInternalErrors",
+        }
         assert {name: states[name] for name in quiet} == dict.fromkeys(quiet, "inactive")

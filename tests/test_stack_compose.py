@@ -51,7 +51,9 @@ def schema_errors(doc: Any) -> list[str]:
     validator_cls = jsonschema.validators.validator_for(schema)
     validator_cls.check_schema(schema)
     validator = validator_cls(schema, format_checker=validator_cls.FORMAT_CHECKER)
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)
+    ]
 
 
 def bind_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
@@ -100,7 +102,9 @@ def test_compose_file_matches_the_compose_spec(compose: dict[str, Any]) -> None:
     [
         lambda d: d["services"]["demo"].__setitem__("restrat", "always"),
         lambda d: d["services"]["demo"].__setitem__("ports", {"8000": 8000}),
-        lambda d: d["services"]["load"]["depends_on"]["demo"].__setitem__("condition", "service_ready"),
+        lambda d: d["services"]["load"]["depends_on"]["demo"].__setitem__(
+            "condition", "service_ready"
+        ),
         lambda d: d["services"]["grafana"].__setitem__("environment", [["GF_X", "1"]]),
         lambda d: d.__setitem__("servicess", d.pop("services")),
     ],
@@ -121,19 +125,38 @@ def test_services_and_commands(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert set(services) == APP_SERVICES | set(IMAGE_PORTS)
     assert command(services["demo"]) == [
-        "python", "-m", "demo_app", "--host", "0.0.0.0", "--port", "8000", "--no-upstream"]
+        "python",
+        "-m",
+        "demo_app",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+        "--no-upstream",
+    ]
     assert services["demo"]["environment"]["DEMO_UPSTREAM_URL"] == "http://upstream:8001"
     assert command(services["upstream"]) == [
-        "python", "-m", "demo_app.upstream", "--host", "0.0.0.0", "--port", "8001"]
+        "python",
+        "-m",
+        "demo_app.upstream",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8001",
+    ]
     load = command(services["load"])
     assert load[:3] == ["python", "-m", "demo_app.load"] and "http://demo:8000" in load
     assert load[load.index("--duration") + 1] == "0", "the load generator must run until stopped"
     for name in APP_SERVICES:  # one image for the three
         assert services[name]["build"]["context"] == "."
-        assert (ROOT / services[name]["build"].get("dockerfile", "Dockerfile")).resolve() == DOCKERFILE
+        assert (
+            ROOT / services[name]["build"].get("dockerfile", "Dockerfile")
+        ).resolve() == DOCKERFILE
     for name in IMAGE_PORTS:
         image = services[name]["image"]
-        assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", image), f"{name}: pin an exact version, not {image}"
+        assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", image), (
+            f"{name}: pin an exact version, not {image}"
+        )
 
 
 def test_every_bind_mount_exists(compose: dict[str, Any]) -> None:
@@ -150,14 +173,16 @@ def test_every_bind_mount_exists(compose: dict[str, Any]) -> None:
 def test_depends_on_names_defined_services(compose: dict[str, Any]) -> None:
     for name, service in compose["services"].items():
         deps = service.get("depends_on", [])
-        for dep in deps if isinstance(deps, list) else deps:
+        for dep in deps:
             assert dep in compose["services"], f"{name} depends on unknown service {dep}"
             if isinstance(deps, dict) and deps[dep].get("condition") == "service_healthy":
                 assert "healthcheck" in compose["services"][dep], f"{dep} has no healthcheck"
 
 
 def test_published_ports_are_unique(compose: dict[str, Any]) -> None:
-    host_ports = [str(p).split(":")[0] for s in compose["services"].values() for p in s.get("ports", [])]
+    host_ports = [
+        str(p).split(":")[0] for s in compose["services"].values() for p in s.get("ports", [])
+    ]
     assert len(host_ports) == len(set(host_ports)), host_ports
 
 
@@ -185,29 +210,41 @@ def test_prometheus_scrapes_only_defined_services(compose: dict[str, Any]) -> No
             assert job == "prometheus" and int(port) == IMAGE_PORTS["prometheus"]
             continue
         assert host in compose["services"], f"{job} scrapes {target}: no service {host}"
-        assert int(port) == listen_port(compose, host), f"{job} scrapes {target}: {host} listens elsewhere"
+        assert int(port) == listen_port(compose, host), (
+            f"{job} scrapes {target}: {host} listens elsewhere"
+        )
     # The rule files the config loads are mounted where it looks for them.
     rules_dir = mount_target(prometheus, "dashboards/prometheus/rules")
     for pattern in config["rule_files"]:
         full = PurePosixPath(config_path).parent / pattern
-        assert str(full.parent) == rules_dir, f"rule_files {pattern} resolves to {full}, rules are at {rules_dir}"
+        assert str(full.parent) == rules_dir, (
+            f"rule_files {pattern} resolves to {full}, rules are at {rules_dir}"
+        )
     assert list((ROOT / "dashboards" / "prometheus" / "rules").glob(PurePosixPath(pattern).name))
 
 
 def test_grafana_is_provisioned_with_no_clicks(compose: dict[str, Any]) -> None:
     grafana = compose["services"]["grafana"]
     env = grafana["environment"]
-    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true" and env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert (
+        env["GF_AUTH_ANONYMOUS_ENABLED"] == "true" and env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    )
     assert mount_target(grafana, "dashboards/grafana/provisioning") == "/etc/grafana/provisioning"
     dashboard_path = mount_target(grafana, "dashboards/loopwatch.json")
-    provider = yaml.safe_load((PROVISIONING / "dashboards" / "loopwatch.yml").read_text())["providers"][0]
+    provider = yaml.safe_load((PROVISIONING / "dashboards" / "loopwatch.yml").read_text())[
+        "providers"
+    ][0]
     assert str(PurePosixPath(dashboard_path).parent) == provider["options"]["path"]
     assert env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == dashboard_path
-    datasources = yaml.safe_load((PROVISIONING / "datasources" / "loopwatch.yml").read_text())["datasources"]
+    datasources = yaml.safe_load((PROVISIONING / "datasources" / "loopwatch.yml").read_text())[
+        "datasources"
+    ]
     for ds in datasources:
         m = re.fullmatch(r"http://([\w-]+):(\d+)", ds["url"])
         assert m, ds["url"]
-        assert m.group(1) in compose["services"] and int(m.group(2)) == listen_port(compose, m.group(1)), ds["url"]
+        assert m.group(1) in compose["services"] and int(m.group(2)) == listen_port(
+            compose, m.group(1)
+        ), ds["url"]
 
 
 def test_alertmanager_config_is_mounted(compose: dict[str, Any]) -> None:
@@ -249,7 +286,9 @@ def compose_command() -> list[str] | None:
         candidates.append(["docker-compose"])
     for cmd in candidates:
         try:
-            out = subprocess.run([*cmd, "version"], capture_output=True, text=True, timeout=30)
+            out = subprocess.run(
+                [*cmd, "version"], check=False, capture_output=True, text=True, timeout=30
+            )
         except (OSError, subprocess.TimeoutExpired):
             continue
         if out.returncode == 0 and re.search(r"\bv?2\.\d+", out.stdout):
@@ -261,6 +300,12 @@ def test_docker_compose_config() -> None:
     cmd = compose_command()
     if cmd is None:
         pytest.skip("no Compose v2 binary (docker compose, docker-compose or COMPOSE_BIN)")
-    result = subprocess.run([*cmd, "-f", str(COMPOSE), "config", "--quiet"], capture_output=True,
-                            text=True, timeout=60, cwd=ROOT)
+    result = subprocess.run(
+        [*cmd, "-f", str(COMPOSE), "config", "--quiet"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
