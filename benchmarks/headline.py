@@ -320,8 +320,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(crowd_table(crowds))
     print()
     print(f"3 upstream calls of 200 ms, median of {args.runs} runs:")
-    print(f"  /dashboard/1               asyncio.gather    {measured['gather_s']:.3f} s")
-    print(f"  /antipatterns/sequential/1 one await after another  {measured['sequential_s']:.3f} s")
+    for label, key in (
+        ("/dashboard/1, asyncio.gather", "gather_s"),
+        ("/antipatterns/sequential/1, awaits in a row", "sequential_s"),
+    ):
+        print(f"  {label:<46}{measured[key]:.3f} s")
     if seen is not None:
         print()
         print("loopwatch, after 4 requests.get users and 20 /weather users on one demo:")

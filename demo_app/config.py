@@ -16,7 +16,16 @@ from urllib.parse import urlsplit
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "Settings", "Spec", "flag", "int_range", "positive_seconds", "url"]
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "Spec",
+    "flag",
+    "fraction",
+    "int_range",
+    "positive_seconds",
+    "url",
+]
 
 
 class ConfigError(ValueError):
@@ -39,13 +48,15 @@ class Spec(Generic[T]):
         """Parse ``raw`` (an environment variable, a header) and validate the result."""
         try:
             value = self.parse(raw.strip())
+            valid = self.check(value)
         except ValueError:
-            value = None
-        if value is None or not self.check(value):
+            valid = False
+        if not valid:
             raise ConfigError(f"{name}={raw!r} is invalid: expected {self.allowed}")
         return value
 
     def from_env(self, environ: Mapping[str, str], name: str, default: T) -> T:
+        """The variable ``name`` parsed, or ``default`` when it is unset or empty."""
         raw = environ.get(name)
         return default if raw is None or raw == "" else self.from_text(name, raw)
 
@@ -107,7 +118,9 @@ class Settings:
 
     The defaults are the article's: a 10 s timeout with 5 s to connect, and a pool of
     50 connections of which 20 are kept alive between requests. ``analytics_url``
-    defaults to the simulator's event sink under ``upstream_url``.
+    defaults to the simulator's event sink under ``upstream_url``. :meth:`from_env` reads
+    each field from the variable named in its metadata (``DEMO_UPSTREAM_URL``,
+    ``DEMO_TIMEOUT_SECONDS``, ...).
     """
 
     upstream_url: str = field(

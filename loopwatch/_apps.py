@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from ._metrics import flush_all
 from ._monitor import get_monitor
 
 __all__ = ["events_app", "metrics_app"]
@@ -66,16 +67,15 @@ def _render(registry: CollectorRegistry | None, accept: str, accept_gzip: bool,
     return body, content_type, False
 
 
-def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
-    """An ASGI app that serves the Prometheus exposition of ``registry``.
+class _MetricsApp:
+    """The ASGI app returned by :func:`metrics_app` (a class, so that Starlette's
+    ``add_route`` treats it as an ASGI app rather than a request handler)."""
 
-    The exposition is rendered in a worker thread, never on the event loop: a scrape of a
-    large registry would otherwise be a block of its own. With ``PROMETHEUS_MULTIPROC_DIR``
-    set and no explicit registry, it aggregates every worker's metrics. It honours
-    ``Accept`` (OpenMetrics) and ``Accept-Encoding: gzip``.
-    """
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.registry = registry
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        registry = self.registry
         if scope["type"] != "http":
             await _not_http(scope, receive, send)
             return
@@ -87,6 +87,7 @@ def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
         headers = _headers(scope)
         accept = headers.get(b"accept", b"").decode("latin-1")
         accept_gzip = "gzip" in headers.get(b"accept-encoding", b"").decode("latin-1")
+        flush_all()  # requests finished since the last probe
         loop = asyncio.get_running_loop()
         body, content_type, gzipped = await loop.run_in_executor(
             None, _render, registry, accept, accept_gzip
@@ -96,7 +97,18 @@ def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
             out.append((b"content-encoding", b"gzip"))
         await _respond(send, 200, body, out, method == "HEAD")
 
-    return app
+
+def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
+    """An ASGI app that serves the Prometheus exposition of ``registry``.
+
+    The exposition is rendered in a worker thread, never on the event loop: a scrape of a
+    large registry would otherwise be a block of its own. With ``PROMETHEUS_MULTIPROC_DIR``
+    set and no explicit registry, it aggregates every worker's metrics. It honours
+    ``Accept`` (OpenMetrics) and ``Accept-Encoding: gzip``. Serve it with
+    ``app.add_route("/metrics", metrics_app())`` (exactly ``/metrics``) or
+    ``app.mount("/metrics", metrics_app())`` (``/metrics/``; ``/metrics`` redirects).
+    """
+    return _MetricsApp(registry)
 
 
 def events_app(limit: int = 100) -> ASGIApp:
@@ -109,9 +121,17 @@ def events_app(limit: int = 100) -> ASGIApp:
     """
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
         raise ValueError(f"loopwatch: invalid limit={limit!r}; allowed: an integer from 1 to 1000")
-    default_limit = limit
+    return _EventsApp(limit)
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+
+class _EventsApp:
+    """The ASGI app returned by :func:`events_app`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        default_limit = self.limit
         if scope["type"] != "http":
             await _not_http(scope, receive, send)
             return
@@ -145,5 +165,3 @@ def events_app(limit: int = 100) -> ASGIApp:
         body = json.dumps(payload).encode()
         await _respond(send, 200, body, [json_type, (b"cache-control", b"no-store")],
                        scope["method"] == "HEAD")
-
-    return app

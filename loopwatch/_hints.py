@@ -44,8 +44,9 @@ CPU_HINT = (
     "`await asyncio.to_thread(fn, ...)`"
 )
 GIL_HINT = (
-    "a C call held the GIL for the whole block (CPU-bound, e.g. a large sum(), regex or "
-    "JSON parse): run it in a process pool with `await loop.run_in_executor(...)`"
+    "the loop thread kept the GIL for the whole block, as CPU-bound C code does (a large "
+    "sum(), regex or JSON parse): run it in a process pool with "
+    "`await loop.run_in_executor(...)`"
 )
 
 # (module prefix, hint): a frame whose module starts with the prefix names the culprit.

@@ -27,6 +27,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _clock = time.perf_counter
+_set_owner = current_owner.set
+_reset_owner = current_owner.reset
 
 
 class _RequestOwner(Owner):
@@ -34,15 +36,15 @@ class _RequestOwner(Owner):
 
     __slots__ = ("scope", "root_path")
 
-    method: str
-
-    def __init__(self, method: str, scope: Scope, root_path: str) -> None:
-        super().__init__(method, None)
+    def __init__(self, scope: Scope, root_path: str) -> None:
+        # Owner.__init__ inlined, method resolved lazily: this runs for every request.
+        self.busy = 0.0
+        self.finished = False
         self.scope = scope
         self.root_path = root_path
 
     def labels(self) -> tuple[str | None, str | None]:
-        return self.method, route_label(self.scope, self.root_path)
+        return method_label(self.scope["method"]), route_label(self.scope, self.root_path)
 
 
 class LoopWatchMiddleware:
@@ -111,8 +113,9 @@ class LoopWatchMiddleware:
             await self.app(scope, receive, send)
             return
 
-        owner = _RequestOwner(method_label(scope["method"]), scope, scope.get("root_path", ""))
-        token = current_owner.set(owner)
+        root_path = scope.get("root_path", "")
+        owner = _RequestOwner(scope, root_path)
+        token = _set_owner(owner)
         in_flight = self._in_flight
         in_flight.add(owner)
         status = 0
@@ -121,10 +124,9 @@ class LoopWatchMiddleware:
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, ended
-            kind = message["type"]
-            if kind == "http.response.start":
+            if message["type"] == "http.response.start":
                 status = message["status"]
-            elif kind == "http.response.body" and not message.get("more_body", False):
+            elif not message.get("more_body", False):
                 ended = _clock()
             await send(message)
 
@@ -137,19 +139,17 @@ class LoopWatchMiddleware:
         finally:
             in_flight.discard(owner)
             try:
-                self._record(owner, status, start, ended)
+                monitor = self.monitor
+                # Charge the step still running too: a handler that blocks and returns
+                # without another await would otherwise be charged nothing.
+                blocking = monitor.note_finished(owner) if monitor is not None else owner.busy
+                self.metrics.pending.append((
+                    method_label(scope["method"]), route_label(scope, root_path),
+                    status or 500, (ended or _clock()) - start, blocking,
+                ))
             except Exception:  # noqa: BLE001 - never break the app we watch
                 self._internal_error("recording a request")
-            current_owner.reset(token)
-
-    def _record(self, owner: _RequestOwner, status: int, start: float, ended: float) -> None:
-        monitor = self.monitor
-        # Charge the step that is still running too: a handler that blocks and returns
-        # without another await would otherwise be charged nothing.
-        blocking = monitor.note_finished(owner) if monitor is not None else owner.busy
-        duration = (ended or _clock()) - start
-        route = route_label(owner.scope, owner.root_path)
-        self.metrics.observe_request(owner.method, route, str(status or 500), duration, blocking)
+            _reset_owner(token)
 
     # -- lifespan -------------------------------------------------------------------------
 
@@ -203,9 +203,9 @@ class LoopWatchMiddleware:
     # -- once a second, on the loop (monitor sink) ------------------------------------------
 
     def on_tick(self) -> None:
-        counts: dict[tuple[str, str], int] = {}
+        counts: dict[tuple[str | None, str | None], int] = {}
         for owner in self._in_flight:
-            key = (owner.method, route_label(owner.scope, owner.root_path))
+            key = owner.labels()
             counts[key] = counts.get(key, 0) + 1
         self.metrics.set_in_progress(counts)
         limiter = self._limiter

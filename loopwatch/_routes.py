@@ -28,9 +28,27 @@ def route_label(scope: MutableMapping[str, Any], root_path: str) -> str:
     middleware). Anything that matched no route is ``<unmatched>``.
     """
     route = scope.get("route")
-    path = getattr(route, "path", None)
     mounted = scope.get("root_path", "")
+    if mounted == root_path and route is not None:
+        # The common case, a route of the app itself: one dict lookup after the first time.
+        # Routes define __eq__ and so are unhashable: key by id, check identity.
+        entry = _plain.get(id(route))
+        if entry is not None and entry[0] is route:
+            return entry[1]
+        template = _template(route, "")
+        if len(_plain) < _CACHE_LIMIT:
+            _plain[id(route)] = (route, template)
+        return template
     prefix = mounted[len(root_path):] if len(mounted) > len(root_path) else ""
+    return _template(route, prefix)
+
+
+_plain: dict[int, tuple[Any, str]] = {}
+_CACHE_LIMIT = 10_000
+
+
+def _template(route: Any, prefix: str) -> str:
+    path = getattr(route, "path", None)
     if isinstance(path, str) and not _is_mount(route):
         return prefix + path
     if prefix:

@@ -35,7 +35,8 @@ _clock = time.perf_counter
 
 GIL_HELD = (
     "unavailable: the watchdog thread could not run while the loop was blocked (the loop "
-    "thread held the GIL, as a C call that does not release it does)"
+    "thread held the GIL, as a C call that does not release it does, or the machine was "
+    "too overloaded to schedule it)"
 )
 NOT_SAMPLED = "unavailable: the watchdog did not get to sample this block"
 DISABLED = "unavailable: stack sampling is disabled (sample_stacks=False)"

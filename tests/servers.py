@@ -40,7 +40,9 @@ def serve_in_thread(
     ``loop`` is uvicorn's loop setting ("asyncio" or "uvloop"). Yields once the server
     accepts connections; on exit asks the server to stop and joins its thread.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP, as uvicorn's own sockets: asyncio sets TCP_NODELAY only on
+    # sockets whose proto says TCP, and without it keep-alive responses stall ~40 ms.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

@@ -65,7 +65,8 @@ def test_bad_options_fail_at_start_with_a_clear_message(
 
 def test_runs_the_demo_and_the_simulator_on_one_machine() -> None:
     port, upstream_port = free_port(), free_port()
-    env = {"DEMO_UPSTREAM_URL": "", "DEMO_PORT": str(port)}  # the port from the environment
+    # The port from the environment; the machine's own DEMO_UPSTREAM_URL must not leak in.
+    env: dict[str, str | None] = {"DEMO_UPSTREAM_URL": None, "DEMO_PORT": str(port)}
     args = ["-m", "demo_app", "--no-loopwatch", "--upstream-port", str(upstream_port)]
     with serve_in_subprocess(args, port=port, env=env, path="/docs") as proc:
         dashboard = httpx.get(f"http://127.0.0.1:{port}/dashboard/1")

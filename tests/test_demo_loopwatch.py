@@ -115,7 +115,7 @@ def test_python_m_demo_app_serves_metrics_and_events() -> None:
     port = free_port()
     args = ["-m", "demo_app", "--no-upstream", "--port", str(port)]
     with serve_simulator() as (upstream_url, sim):
-        env = {"DEMO_UPSTREAM_URL": upstream_url}
+        env: dict[str, str | None] = {"DEMO_UPSTREAM_URL": upstream_url}
         with serve_in_subprocess(args, port=port, env=env, path="/docs") as proc:
             base = f"http://127.0.0.1:{port}"
             assert httpx.get(f"{base}/users/2").json()["id"] == 2

@@ -9,6 +9,7 @@ import pytest
 from conftest_demo import LOOPS, serve_simulator, timed
 
 from demo_app.faults import Behaviour
+from demo_app.upstream import create_upstream_app
 
 
 @pytest.fixture(scope="module", params=LOOPS)
@@ -133,6 +134,4 @@ def test_a_bad_control_header_is_a_400_that_says_why(client: httpx.Client) -> No
 
 def test_defaults_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SIM_STATUS", "503")
-    from demo_app.upstream import create_upstream_app
-
     assert create_upstream_app().defaults == Behaviour(status=503)
