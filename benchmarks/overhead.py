@@ -134,8 +134,14 @@ def run_variant(loop_kind: str, name: str, n: int, concurrency: int) -> float:
         app = VARIANTS[name]()
         async with Lifespan(app):
             await drive(app, min(n, 500), concurrency)  # warm up
+            # Earlier rounds leave apps and registries behind; frozen, they cannot make a
+            # full garbage collection land in one variant's timing and not another's.
             gc.collect()
-            return await drive(app, n, concurrency)
+            gc.freeze()
+            try:
+                return await drive(app, n, concurrency)
+            finally:
+                gc.unfreeze()
 
     with asyncio.Runner(loop_factory=LOOPS[loop_kind]) as runner:
         return runner.run(main())

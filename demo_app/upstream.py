@@ -202,3 +202,33 @@ def _build_api(sim: UpstreamSimulator) -> FastAPI:
         sim.reset()
 
     return api
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m demo_app.upstream``: the simulator alone (docker-compose, the stack)."""
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(
+        prog="python -m demo_app.upstream",
+        description="Run the upstream simulator alone. Default latency and failures come "
+        "from SIM_DELAY_MS, SIM_JITTER_MS, SIM_STATUS, SIM_ERROR_RATE, SIM_HANG, SIM_DROP "
+        "and SIM_GARBAGE; per request from the X-Sim-* headers.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8001, help="port (default: 8001)")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"invalid --port {args.port}; allowed: 0 to 65535")
+    try:
+        app = create_upstream_app()
+    except ConfigError as exc:
+        parser.error(str(exc))
+    uvicorn.run(app, host=args.host, port=args.port, loop=args.loop, log_level="warning",
+                access_log=False)
+
+
+if __name__ == "__main__":
+    main()
