@@ -1,189 +1,114 @@
 """Per-request overhead of loopwatch vs the well-known Prometheus middlewares, in process.
 
-Four variants of the same FastAPI app and route (a small JSON object): bare,
-loopwatch (middleware + loop monitor, everything on), prometheus-fastapi-instrumentator and
-starlette-exporter. Each is driven in-process through a minimal ASGI driver, requests as
-concurrent tasks so that loop-level hooks run as they would under a server. Alternating
-rounds, medians, ratios to bare, on asyncio and uvloop.
+Four variants of the same FastAPI app and route (a small JSON object): bare, loopwatch
+(middleware + loop monitor + watchdog + metrics: everything on), prometheus-fastapi-
+instrumentator and starlette-exporter. Each is driven in process (no sockets), each request
+its own task as under uvicorn, 50 in flight. Variants alternate within each round (the order
+reversed every other round) so that drift on a shared machine hits all of them alike; the
+report gives medians, interquartile ranges, and the per-round differences to bare.
 
-    python benchmarks/overhead.py [--requests 4000] [--rounds 9] [--concurrency 50]
+``--ablations`` adds variants that switch parts of loopwatch off, to see where its cost goes.
+
+    python benchmarks/overhead.py [--requests 3000] [--rounds 15] [--loops asyncio,uvloop]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
-import json
 import os
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import uvloop  # noqa: E402
-from fastapi import FastAPI  # noqa: E402
-from prometheus_client import CollectorRegistry  # noqa: E402
+import bench_apps  # noqa: E402
+from _common import command_line, log, paired_diff, summary, write_result  # noqa: E402
+from _inprocess import run_app  # noqa: E402
 
-import loopwatch  # noqa: E402
-
-LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-
-
-def _route(app: FastAPI) -> FastAPI:
-    @app.get("/items/{item_id}")
-    async def item(item_id: int) -> dict[str, Any]:
-        return {"item_id": item_id, "name": "widget", "price": 9.99}
-
-    return app
+COMPETITORS = ("instrumentator", "starlette-exporter")
 
 
-def bare() -> FastAPI:
-    return _route(FastAPI())
+def measure(loop_kind: str, names: list[str], requests: int, rounds: int, concurrency: int,
+            driver: str) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """µs per request, (wall-clock, process CPU) samples per variant."""
+    factories = {**bench_apps.VARIANTS, **bench_apps.ABLATIONS}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            w, c = run_app(loop_kind, factories[name], requests, concurrency, driver=driver)
+            wall[name].append(w * 1e6)
+            cpu[name].append(c * 1e6)
+    return wall, cpu
 
 
-def with_loopwatch() -> FastAPI:
-    app = FastAPI()
-    app.add_middleware(loopwatch.LoopWatchMiddleware, registry=CollectorRegistry())
-    return _route(app)
-
-
-def with_instrumentator() -> FastAPI:
-    from prometheus_fastapi_instrumentator import Instrumentator
-
-    app = _route(FastAPI())
-    Instrumentator(registry=CollectorRegistry()).instrument(app)
-    return app
-
-
-def with_starlette_exporter() -> FastAPI:
-    from starlette_exporter import PrometheusMiddleware
-
-    app = FastAPI()
-    app.add_middleware(PrometheusMiddleware, group_paths=True,
-                       app_name=f"bench{time.monotonic_ns()}")
-    return _route(app)
-
-
-VARIANTS: dict[str, Callable[[], FastAPI]] = {
-    "bare": bare,
-    "loopwatch": with_loopwatch,
-    "instrumentator": with_instrumentator,
-    "starlette-exporter": with_starlette_exporter,
-}
-
-
-class Lifespan:
-    """Runs an ASGI app's lifespan: startup before the rounds, shutdown after."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.task: asyncio.Task[Any] | None = None
-
-    async def __aenter__(self) -> Lifespan:
-        scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-        self.task = asyncio.create_task(self.app(scope, self.inbox.get, self.outbox.put))
-        await self.inbox.put({"type": "lifespan.startup"})
-        message = await self.outbox.get()
-        assert message["type"] == "lifespan.startup.complete", message
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.inbox.put({"type": "lifespan.shutdown"})
-        await self.outbox.get()
-        assert self.task is not None
-        await self.task
-
-
-async def drive(app: Any, n: int, concurrency: int) -> float:
-    """Seconds per request for n GET requests, `concurrency` in flight at a time."""
-    body = {"type": "http.request", "body": b"", "more_body": False}
-
-    async def one(i: int) -> None:
-        scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-            "method": "GET", "scheme": "http", "path": f"/items/{i}", "raw_path": b"",
-            "root_path": "", "query_string": b"", "headers": [(b"host", b"bench")],
-            "client": ("127.0.0.1", 1234), "server": ("127.0.0.1", 80),
+def analyse(samples: dict[str, list[float]]) -> dict[str, Any]:
+    base = samples["bare"]
+    base_med = statistics.median(base)
+    out: dict[str, Any] = {}
+    for name, xs in samples.items():
+        s = summary(xs)
+        s["ratio"] = s["median"] / base_med
+        s["added"] = paired_diff(base, xs)
+        out[name] = s
+    # Per round: loopwatch's added time over the lighter competitor's added time.
+    if all(n in samples for n in ("loopwatch", *COMPETITORS)):
+        per_round = []
+        for i, b in enumerate(base):
+            lightest = min(samples[c][i] for c in COMPETITORS) - b
+            per_round.append((samples["loopwatch"][i] - b) / lightest)
+        lw_added = out["loopwatch"]["added"]["median"]
+        lightest_added = min(out[c]["added"]["median"] for c in COMPETITORS)
+        out["loopwatch_vs_lightest"] = {
+            "of_medians": lw_added / lightest_added,
+            "per_round": summary(per_round),
+            "lightest": min(COMPETITORS, key=lambda c: out[c]["added"]["median"]),
         }
-
-        async def receive() -> dict[str, Any]:
-            return body
-
-        async def send(message: dict[str, Any]) -> None:
-            pass
-
-        await app(scope, receive, send)
-
-    async def worker(start: int) -> None:
-        for i in range(start, n, concurrency):
-            await one(i)
-
-    t = time.perf_counter()
-    await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    return (time.perf_counter() - t) / n
+    return out
 
 
-def run_variant(loop_kind: str, name: str, n: int, concurrency: int) -> float:
-    async def main() -> float:
-        app = VARIANTS[name]()
-        async with Lifespan(app):
-            await drive(app, min(n, 500), concurrency)  # warm up
-            # Earlier rounds leave apps and registries behind; frozen, they cannot make a
-            # full garbage collection land in one variant's timing and not another's.
-            gc.collect()
-            gc.freeze()
-            try:
-                return await drive(app, n, concurrency)
-            finally:
-                gc.unfreeze()
-
-    with asyncio.Runner(loop_factory=LOOPS[loop_kind]) as runner:
-        return runner.run(main())
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=4000)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--requests", type=int, default=3000, help="per sample")
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--loops", default="asyncio,uvloop")
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args()
+    parser.add_argument("--driver", choices=("task", "inline"), default="task")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also run loopwatch with parts switched off")
+    parser.add_argument("--name", default="overhead", help="results/<name>.json")
+    args = parser.parse_args(argv)
 
-    results: dict[str, Any] = {}
-    print(f"In-process per-request cost, {args.requests} requests x {args.rounds} alternating "
-          f"rounds, {args.concurrency} concurrent; medians (µs) and ratio to bare\n")
+    names = list(bench_apps.VARIANTS)
+    if args.ablations:
+        names += list(bench_apps.ABLATIONS)
+    results: dict[str, Any] = {
+        "config": {k: v for k, v in vars(args).items() if k != "name"}, "loops": {},
+    }
+    log(f"In-process per-request cost: {args.requests} requests x {args.rounds} alternating "
+        f"rounds, {args.concurrency} in flight, driver={args.driver}")
     for loop_kind in args.loops.split(","):
-        samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
-        names = list(VARIANTS)
-        for r in range(args.rounds):
-            order = names if r % 2 == 0 else names[::-1]
-            for name in order:
-                samples[name].append(run_variant(loop_kind, name, args.requests, args.concurrency))
-        base = statistics.median(samples["bare"])
-        print(f"{loop_kind}:")
-        print(f"  {'variant':20} {'µs/request':>11} {'vs bare':>8} {'added µs':>9}")
-        for name in names:
-            med = statistics.median(samples[name])
-            results[f"{loop_kind}/{name}"] = {
-                "us_per_request": med * 1e6, "ratio": med / base,
-                "samples_us": [x * 1e6 for x in samples[name]],
-            }
-            print(f"  {name:20} {med * 1e6:11.1f} {med / base:8.3f} {(med - base) * 1e6:+9.1f}")
-        lw = statistics.median(samples["loopwatch"]) - base
-        lightest = min(statistics.median(samples[n]) for n in ("instrumentator",
-                                                               "starlette-exporter")) - base
-        print(f"  loopwatch overhead / lightest competitor's overhead: {lw / lightest:.3f}\n")
-        results[f"{loop_kind}/loopwatch_vs_lightest"] = lw / lightest
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        wall, cpu = measure(loop_kind, names, args.requests, args.rounds, args.concurrency,
+                            args.driver)
+        results["loops"][loop_kind] = {"wall": analyse(wall), "cpu": analyse(cpu)}
+        for clock in ("cpu", "wall"):
+            res = results["loops"][loop_kind][clock]
+            log(f"\n{loop_kind}, {clock} µs/request:")
+            log(f"  {'variant':26} {'median':>8} {'IQR':>6} {'vs bare':>8} {'added (IQR)':>16}")
+            for name in names:
+                s = res[name]
+                log(f"  {name:26} {s['median']:8.1f} {s['iqr']:6.1f} {s['ratio']:8.3f} "
+                    f"{s['added']['median']:+9.1f} ({s['added']['iqr']:4.1f})")
+            if "loopwatch_vs_lightest" in res:
+                v = res["loopwatch_vs_lightest"]
+                log(f"  loopwatch's added time / {v['lightest']}'s: {v['of_medians']:.3f} "
+                    f"(per round: median {v['per_round']['median']:.3f})")
+    path = write_result(args.name, results, command_line())
+    log(f"\nwritten to {path}")
+    return results
 
 
 if __name__ == "__main__":

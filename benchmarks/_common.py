@@ -1,0 +1,225 @@
+"""Shared by the benchmark scripts: the machine, statistics, result files, servers, HTTP.
+
+Nothing here measures anything; each ``benchmarks/*.py`` script imports what it needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+RESULTS = BENCH / "results"
+IMG = ROOT / "docs" / "img"
+
+PACKAGES = (
+    "fastapi", "starlette", "uvicorn", "uvloop", "httptools", "prometheus_client",
+    "prometheus-fastapi-instrumentator", "starlette_exporter", "httpx", "matplotlib",
+)
+
+
+# -- the machine ------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "loopwatch"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("+dirty loopwatch/" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> dict[str, Any]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    sys.path.insert(0, str(ROOT))
+    import loopwatch
+
+    versions["loopwatch"] = f"{loopwatch.__version__} ({git_revision()})"
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "python_build": " ".join(platform.python_build()),
+        "platform": platform.platform(),
+        "packages": versions,
+        "loadavg": loadavg(),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# -- statistics -------------------------------------------------------------------------
+
+def summary(samples: Sequence[float]) -> dict[str, Any]:
+    """Median, quartiles (inclusive method) and range of ``samples``."""
+    xs = sorted(samples)
+    if len(xs) >= 2:
+        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    else:
+        q1 = q3 = xs[0]
+    return {
+        "median": statistics.median(xs), "q1": q1, "q3": q3, "iqr": q3 - q1,
+        "min": xs[0], "max": xs[-1], "n": len(xs), "samples": list(samples),
+    }
+
+
+def paired_diff(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """Summary of b[i] - a[i]: the difference within each round, which cancels the drift
+    that a shared machine puts on both alike."""
+    return summary([y - x for x, y in zip(a, b, strict=True)])
+
+
+# -- result files -----------------------------------------------------------------------
+
+def write_result(name: str, data: dict[str, Any], command: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"command": command, "machine": machine(), **data}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def read_result(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def command_line() -> str:
+    """How this script was run, relative to the repository (for the report)."""
+    script = os.path.relpath(sys.argv[0], ROOT)
+    return " ".join(["python", script, *sys.argv[1:]])
+
+
+# -- servers and HTTP -------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def http_get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
+    """One GET on a fresh connection: status and body (read by Content-Length)."""
+    async def go() -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                         .encode())
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            fields = dict(line.lower().split(": ", 1) for line in head[1:] if ": " in line)
+            length = fields.get("content-length")
+            body = await (reader.readexactly(int(length)) if length else reader.read())
+        finally:
+            writer.close()
+        return int(head[0].split()[1]), body
+
+    return await asyncio.wait_for(go(), timeout)
+
+
+def http_get_sync(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
+    return asyncio.run(http_get(port, path, timeout))
+
+
+def uvicorn_args(app: str, port: int, loop: str, factory: bool = True) -> list[str]:
+    """uvicorn, one worker, httptools, access log off, the app from benchmarks/."""
+    args = ["-m", "uvicorn", app, "--app-dir", str(BENCH), "--host", "127.0.0.1",
+            "--port", str(port), "--loop", loop, "--http", "httptools", "--no-access-log",
+            "--log-level", "warning", "--workers", "1"]
+    return args + (["--factory"] if factory else [])
+
+
+@contextlib.contextmanager
+def server(args: Sequence[str], port: int, env: Mapping[str, str] | None = None,
+           ready: str = "/", timeout: float = 30.0) -> Iterator[subprocess.Popen[bytes]]:
+    """``python args`` in its own process, yielded once it answers ``ready``; stopped on exit."""
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=environ,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"server {args} exited: {err}")
+            try:
+                http_get_sync(port, ready, timeout=5)
+                break
+            except (OSError, asyncio.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server {args} did not answer on {port}") from None
+                time.sleep(0.1)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def wrk(port: int, path: str, seconds: float, threads: int = 2, connections: int = 50,
+        ) -> dict[str, Any]:
+    """Run wrk; requests/s and latency percentiles (seconds), parsed from a Lua summary."""
+    script = BENCH / "_wrk_report.lua"
+    out = subprocess.run(
+        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s",
+         "--timeout", "10s", "-s", str(script), f"http://127.0.0.1:{port}{path}"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    for line in out.splitlines():
+        if line.startswith("LOOPWATCH_BENCH "):
+            data: dict[str, Any] = json.loads(line.split(" ", 1)[1])
+            data["latency_p50"] = data.pop("p50_us") / 1e6
+            data["latency_p99"] = data.pop("p99_us") / 1e6
+            data["latency_mean"] = data.pop("mean_us") / 1e6
+            data["latency_p90"] = data.pop("p90_us") / 1e6
+            data["latency_max"] = data.pop("max_us") / 1e6
+            return data
+    raise RuntimeError(f"wrk printed no summary:\n{out}")
+
+
+def log(*parts: Any) -> None:
+    print(*parts, flush=True)
