@@ -61,8 +61,12 @@ def add_loopwatch(app: FastAPI, *, registry: CollectorRegistry | None = None) ->
     import loopwatch
 
     app.add_middleware(loopwatch.LoopWatchMiddleware, registry=registry)
-    app.mount("/metrics", loopwatch.metrics_app(registry=registry))
-    app.mount("/loopwatch/events", loopwatch.events_app())
+    metrics, events = loopwatch.metrics_app(registry=registry), loopwatch.events_app()
+    # Both /metrics (what Prometheus scrapes by default, no redirect) and /metrics/.
+    app.add_route("/metrics", metrics, include_in_schema=False)
+    app.mount("/metrics", metrics)
+    app.add_route("/loopwatch/events", events, include_in_schema=False)
+    app.mount("/loopwatch/events", events)
 
 
 def create_app(

@@ -57,7 +57,7 @@ def _render(registry: CollectorRegistry | None, accept: str, accept_gzip: bool,
             from prometheus_client import multiprocess
 
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         else:
             registry = REGISTRY
     encoder, content_type = choose_encoder(accept)

@@ -22,7 +22,7 @@ class Owner:
     steps of tasks it spawned). ``method`` and ``route`` label the block events it causes.
     """
 
-    __slots__ = ("busy", "method", "route", "finished", "__weakref__")
+    __slots__ = ("__weakref__", "busy", "finished", "method", "route")
 
     def __init__(self, method: str | None = None, route: str | None = None) -> None:
         self.busy = 0.0

@@ -23,7 +23,9 @@ HTTPX_SYNC_HINT = (
     "httpx.Client / httpx.get() are synchronous: use a shared httpx.AsyncClient "
     "and `await client.get(...)`"
 )
-URLLIB_HINT = "urllib/http.client are synchronous: use httpx.AsyncClient and `await client.get(...)`"
+URLLIB_HINT = (
+    "urllib/http.client are synchronous: use httpx.AsyncClient and `await client.get(...)`"
+)
 SLEEP_HINT = "time.sleep() blocks the event loop: use `await asyncio.sleep(...)`"
 FILE_HINT = (
     "blocking file I/O (open().read/write): use `await asyncio.to_thread(...)` or aiofiles"
@@ -67,7 +69,8 @@ _MODULE_RULES: tuple[tuple[str, str], ...] = (
 # Source-line patterns for calls into C, tried on the innermost frames.
 _LINE_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\bsleep\s*\("), SLEEP_HINT),
-    (re.compile(r"\b(requests|session)\.(get|post|put|patch|delete|head|request)\s*\("), REQUESTS_HINT),
+    (re.compile(r"\b(requests|session)\.(get|post|put|patch|delete|head|request)\s*\("),
+     REQUESTS_HINT),
     (re.compile(r"\bsubprocess\.\w+\s*\(|\bos\.(system|popen|wait)\s*\("), SUBPROCESS_HINT),
     (re.compile(r"\.(recv|recv_into|recvfrom|sendall|accept|connect)\s*\(|\bcreate_connection\s*\("),
      SOCKET_HINT),

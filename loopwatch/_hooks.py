@@ -23,7 +23,7 @@ from ._attribution import current_owner
 if TYPE_CHECKING:
     from ._monitor import Monitor
 
-__all__ = ["install_handle_hook", "uninstall_handle_hook", "TimedCoroutine", "make_task_factory"]
+__all__ = ["TimedCoroutine", "install_handle_hook", "make_task_factory", "uninstall_handle_hook"]
 
 _clock = time.perf_counter
 _Handle = asyncio.events.Handle
@@ -86,7 +86,7 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
     exceptions, cancellation, ``cr_frame`` (so ``Task.get_stack()`` works) and its name.
     """
 
-    __slots__ = ("_coro", "_monitor", "__weakref__")
+    __slots__ = ("__weakref__", "_coro", "_monitor")
 
     def __init__(self, coro: Any, monitor: Monitor) -> None:
         self._coro = coro

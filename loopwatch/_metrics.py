@@ -126,9 +126,9 @@ class LoopWatchMetrics:
         self._observe_lag = self.lag.observe
         self._inc_busy = self.busy.inc
         self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self._count_children: dict[tuple[str, str, str], Any] = {}
+        self._count_children: dict[tuple[str, str, int], Any] = {}
         self._block_children: dict[tuple[str, str], Any] = {}
-        self._in_progress_keys: set[tuple[str, str]] = set()
+        self._in_progress_keys: set[tuple[str | None, str | None]] = set()
         #: (method, route, status, duration, blocking) of finished requests not yet folded
         #: into the metrics; appended on the loop thread, drained by flush().
         self.pending: deque[tuple[str, str, int, float, float]] = deque()
@@ -201,7 +201,7 @@ class LoopWatchMetrics:
                     )
                 counter.inc(n)
 
-    def set_in_progress(self, counts: dict[tuple[str, str], int]) -> None:
+    def set_in_progress(self, counts: dict[tuple[str | None, str | None], int]) -> None:
         """Publish in-flight request counts; keys no longer in flight drop to zero."""
         for key in self._in_progress_keys - counts.keys():
             self.in_progress.labels(*key).set(0)

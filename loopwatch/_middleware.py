@@ -34,7 +34,7 @@ _reset_owner = current_owner.reset
 class _RequestOwner(Owner):
     """The loop time of one request; its route is read from the scope once routed."""
 
-    __slots__ = ("scope", "root_path")
+    __slots__ = ("root_path", "scope")
 
     def __init__(self, scope: Scope, root_path: str) -> None:
         # Owner.__init__ inlined, method resolved lazily: this runs for every request.

@@ -18,13 +18,13 @@ from typing import Any, Protocol
 from ._attribution import Owner
 from ._config import Config
 from ._events import BlockEvent
+from ._hints import GIL_HINT
 from ._hooks import (
     handle_hook_works,
     install_handle_hook,
     make_task_factory,
     uninstall_handle_hook,
 )
-from ._hints import GIL_HINT
 from ._watchdog import DISABLED, GIL_HELD, NOT_SAMPLED, Sample, Watchdog
 
 __all__ = ["Monitor", "Sink", "get_monitor"]
@@ -66,13 +66,39 @@ class Monitor:
 
     # Attributes written on every step are plain slots: the hot path is a few stores.
     __slots__ = (
-        "loop", "config", "threshold", "step_start", "busy", "sample", "active",
-        "lag_count", "lag_sum", "lag_max", "block_count", "blocks", "internal_errors",
-        "probe_deadline", "untimed_sample",
-        "mode", "_closing", "_sinks", "_probe_sinks", "_block_sinks", "_tick_sinks",
-        "_error_sinks", "_probe_handle", "_probe_due", "_busy_reported",
-        "_watchdog", "_thread_id", "_next_tick", "_previous_factory", "_factory",
-        "_watchdog_reported", "_interval", "_idle_interval",
+        "_block_sinks",
+        "_busy_reported",
+        "_closing",
+        "_error_sinks",
+        "_factory",
+        "_idle_interval",
+        "_interval",
+        "_next_tick",
+        "_previous_factory",
+        "_probe_due",
+        "_probe_handle",
+        "_probe_sinks",
+        "_sinks",
+        "_thread_id",
+        "_tick_sinks",
+        "_watchdog",
+        "_watchdog_reported",
+        "active",
+        "block_count",
+        "blocks",
+        "busy",
+        "config",
+        "internal_errors",
+        "lag_count",
+        "lag_max",
+        "lag_sum",
+        "loop",
+        "mode",
+        "probe_deadline",
+        "sample",
+        "step_start",
+        "threshold",
+        "untimed_sample",
     )
 
     def __init__(
@@ -108,7 +134,7 @@ class Monitor:
         self._block_sinks: list[Callable[[BlockEvent], None]] = []
         self._tick_sinks: list[Callable[[], None]] = []
         self._error_sinks: list[Callable[[], None]] = []
-        self._probe_handle: asyncio.TimerHandle | None = None
+        self._probe_handle: asyncio.Handle | None = None
         self._probe_due = 0.0
         self._busy_reported = 0.0
         self._watchdog: Watchdog | None = None
@@ -231,12 +257,10 @@ class Monitor:
         loop = self.loop
         assert loop is not None
         lag = loop.time() - self._probe_due
-        if lag < 0.0:
-            lag = 0.0
+        lag = max(lag, 0.0)
         self.lag_count += 1
         self.lag_sum += lag
-        if lag > self.lag_max:
-            self.lag_max = lag
+        self.lag_max = max(self.lag_max, lag)
         busy = self.busy
         delta = busy - self._busy_reported
         self._busy_reported = busy
@@ -360,7 +384,9 @@ class Monitor:
         """Count a failure inside loopwatch; log its traceback only the first time."""
         self.internal_errors += 1
         if self.internal_errors == 1:
-            logger.exception("loopwatch internal error in %s (further ones are only counted)", where)
+            logger.exception(
+                "loopwatch internal error in %s (further ones are only counted)", where
+            )
         for on_error in self._error_sinks:
             try:
                 on_error()

@@ -25,8 +25,20 @@ class Watch:
     (seconds of loop time used) and ``monitor``.
     """
 
-    __slots__ = ("config", "blocks", "monitor", "_own", "_state", "_lag0", "_busy0",
-                 "_lagmax0", "_lagsum", "_t0", "_t1", "_busy1")
+    __slots__ = (
+        "_busy0",
+        "_busy1",
+        "_lag0",
+        "_lagmax0",
+        "_lagsum",
+        "_own",
+        "_state",
+        "_t0",
+        "_t1",
+        "blocks",
+        "config",
+        "monitor",
+    )
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -83,8 +95,7 @@ class Watch:
 
     # Sink interface ----------------------------------------------------------------------
     def on_probe(self, lag: float, busy_delta: float) -> None:
-        if lag > self._lagmax0:
-            self._lagmax0 = lag
+        self._lagmax0 = max(self._lagmax0, lag)
         self._lag0 += 1
         self._lagsum += lag
 

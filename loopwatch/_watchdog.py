@@ -118,7 +118,7 @@ class Watchdog:
     def _run(self) -> None:
         try:
             self._loop()
-        except BaseException:  # noqa: BLE001 - reported by the monitor's liveness check
+        except BaseException:
             logger.exception("loopwatch watchdog thread crashed; stacks will not be sampled")
             raise
 
@@ -158,7 +158,8 @@ class Watchdog:
                 wake_at = now + self._poll
 
     def _sample(self, start: float, late: float) -> Sample:
-        task = _task_name(self._monitor.loop)
+        loop = self._monitor.loop
+        task = _task_name(loop) if loop is not None else None
         if late > self._slack:
             return Sample(start, (), GIL_HINT, GIL_HELD, task)
         frame = sys._current_frames().get(self._loop_thread_id)
@@ -187,7 +188,7 @@ class Watchdog:
 
 def _extract(frame: Any, depth: int) -> tuple[Frame, ...]:
     """Innermost-first frames; file, line, function and module only — never locals."""
-    out = []
+    out: list[Frame] = []
     while frame is not None and len(out) < depth:
         code = frame.f_code
         name = getattr(code, "co_qualname", code.co_name)

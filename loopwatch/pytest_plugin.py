@@ -121,7 +121,8 @@ def _limit_for(item: pytest.Item) -> tuple[float | None, bool]:
                 "allowed: max_block"
             )
         max_block = marker.kwargs.get("max_block", _DEFAULT_THRESHOLD)
-        if isinstance(max_block, bool) or not isinstance(max_block, (int, float)) or not max_block > 0:
+        bad_type = isinstance(max_block, bool) or not isinstance(max_block, (int, float))
+        if bad_type or not max_block > 0:
             raise pytest.UsageError(
                 f"{item.nodeid}: invalid loopwatch max_block={max_block!r}; "
                 "allowed: a number of seconds > 0"

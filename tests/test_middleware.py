@@ -358,11 +358,11 @@ def test_uvicorn_workers_share_metrics_in_multiprocess_mode(tmp_path: Path) -> N
             n += 1
         text = httpx.get(f"http://127.0.0.1:{port}/metrics/").text
     # The /pid probes made while waiting for startup were counted too: at least n.
-    line = next(l for l in text.splitlines()
-                if l.startswith('loopwatch_requests_total{method="GET",route="/pid",status="200"}'))
+    line = next(ln for ln in text.splitlines()
+                if ln.startswith('loopwatch_requests_total{method="GET",route="/pid",status="200"}'))
     counted = float(line.split()[-1])
     assert n <= counted <= n + 200, (n, counted)
     assert len(pids) == 2
     assert "loopwatch_event_loop_lag_seconds_count" in text
-    limit = next(l for l in text.splitlines() if l.startswith("loopwatch_threadpool_threads_limit"))
+    limit = next(ln for ln in text.splitlines() if ln.startswith("loopwatch_threadpool_threads_limit"))
     assert float(limit.split()[-1]) in (0.0, 80.0)  # livesum over two workers once ticked
