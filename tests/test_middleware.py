@@ -366,3 +366,47 @@ def test_uvicorn_workers_share_metrics_in_multiprocess_mode(tmp_path: Path) -> N
     assert "loopwatch_event_loop_lag_seconds_count" in text
     limit = next(ln for ln in text.splitlines() if ln.startswith("loopwatch_threadpool_threads_limit"))
     assert float(limit.split()[-1]) in (0.0, 80.0)  # livesum over two workers once ticked
+
+
+# -- lifecycle and failure containment ------------------------------------------------------
+
+
+def test_without_lifespan_the_monitor_starts_on_the_first_request(loop_kind: str) -> None:
+    registry = CollectorRegistry()
+    app = sample.build(registry)
+    with serve_in_thread(app, loop=loop_kind, lifespan="off") as server:
+        assert httpx.get(f"{server.url}/items/1").status_code == 200
+        assert httpx.get(f"{server.url}/a", timeout=10).status_code == 200
+        events = httpx.get(f"{server.url}/loopwatch/events/").json()
+    assert events["monitoring"] is True
+    assert [e["route"] for e in events["events"]] == ["/a"]
+    assert value(registry, "loopwatch_requests_total", method="GET", route="/a", status="200") == 1
+
+
+class _Exploding:
+    """Stands in for the pending-observations queue and fails on every append."""
+
+    def append(self, item: object) -> None:
+        raise RuntimeError("metrics backend exploded")
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def test_a_failure_inside_loopwatch_never_reaches_the_app(
+    loop_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = CollectorRegistry()
+    on = sample.build(registry)
+    off = sample.build(None, instrument=False)
+    metrics = metrics_for(registry)
+    metrics.pending = _Exploding()  # type: ignore[assignment]
+    with caplog.at_level("ERROR", logger="loopwatch"), \
+            serve_in_thread(on, loop=loop_kind) as a, serve_in_thread(off, loop=loop_kind) as b:
+        for path in ("/items/7", "/stream", "/redirect", "/boom"):
+            assert _comparable(httpx.get(a.url + path)) == _comparable(httpx.get(b.url + path))
+    errors = registry.get_sample_value("loopwatch_internal_errors_total")
+    assert errors == 4
+    logged = [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert len(logged) == 1, "logged once, then only counted"
+    assert "metrics backend exploded" in (logged[0].exc_text or "")
