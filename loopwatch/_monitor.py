@@ -35,6 +35,7 @@ _clock = time.perf_counter
 _monitors: dict[asyncio.AbstractEventLoop, Monitor] = {}
 _TICK_SECONDS = 1.0
 _EMPTY = contextvars.Context()
+_thread_cpu = getattr(time, "thread_time", lambda: None)
 _IDLE_BUSY = 0.0002  # seconds of loop work between two probes below which the loop is idle
 
 
@@ -347,7 +348,8 @@ class Monitor:
         sample: Sample | None, timed: bool,
     ) -> None:
         if sample is not None:
-            frames, hint, status, task = sample.frames, sample.hint, sample.status, sample.task
+            frames, status, task = sample.frames, sample.status, sample.task
+            hint = sample.hint_at(_thread_cpu(), _clock())
         else:
             frames, hint, task = (), None, None
             watchdog = self._watchdog

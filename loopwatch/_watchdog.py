@@ -46,9 +46,27 @@ DISABLED = "unavailable: stack sampling is disabled (sample_stacks=False)"
 class Sample:
     step_start: float  #: identifies the step: the monitor's step_start when sampled
     frames: tuple[Frame, ...]
-    hint: str | None
+    hint: str | None  #: set when the hint is already known (no stack); else see hint_at()
     status: str
     task: str | None
+    lines: tuple[str, ...] = ()  #: source of the innermost frames
+    moved: bool = False  #: the bytecode position changed between two looks
+    cpu0: float | None = None  #: the loop thread's CPU clock when sampled
+    wall0: float = 0.0  #: perf_counter() when sampled
+
+    def hint_at(self, cpu_now: float | None, wall_now: float) -> str | None:
+        """The hint, judged when the block has ended (on the loop thread).
+
+        Whether the block was CPU-bound is judged over the whole stretch from the sample
+        to the end of the block: a thread waiting in the kernel (sleep, a socket) uses no
+        CPU, one computing uses nearly all it gets even on an overloaded machine.
+        """
+        if self.status != "sampled":
+            return self.hint
+        cpu_bound = self.moved
+        if not cpu_bound and self.cpu0 is not None and cpu_now is not None:
+            cpu_bound = (cpu_now - self.cpu0) >= 0.25 * (wall_now - self.wall0)
+        return hint_for(self.frames, self.lines, cpu_bound)
 
 
 class Watchdog:
@@ -169,21 +187,18 @@ class Watchdog:
         frames = _extract(frame, self._depth)
         del frame
         self.samples_taken += 1
-        # A second look a moment later tells CPU-bound code (the bytecode position moves, or
-        # the loop thread burns CPU) from a call that waits in the kernel (neither).
+        # A second look a moment later tells CPU-bound Python (the bytecode position moves)
+        # from a call that waits; the loop thread's CPU clock settles it at the block's end.
         cpu0, wall0 = self._thread_cpu(), _clock()
         time.sleep(0.005)
-        cpu_bound = False
+        moved = False
         if self._monitor.step_start == start or start < 0:
             again = sys._current_frames().get(self._loop_thread_id)
             if again is not None:
-                cpu_bound = (again.f_code, again.f_lasti) != first
+                moved = (again.f_code, again.f_lasti) != first
                 del again
-            cpu1, wall1 = self._thread_cpu(), _clock()
-            if cpu0 is not None and cpu1 is not None:
-                cpu_bound = cpu_bound or (cpu1 - cpu0) >= 0.5 * (wall1 - wall0)
-        lines = [linecache.getline(f.file, f.line).strip() for f in frames[:3]]
-        return Sample(start, frames, hint_for(frames, lines, cpu_bound), "sampled", task)
+        lines = tuple(linecache.getline(f.file, f.line).strip() for f in frames[:3])
+        return Sample(start, frames, None, "sampled", task, lines, moved, cpu0, wall0)
 
 
 def _extract(frame: Any, depth: int) -> tuple[Frame, ...]:

@@ -40,10 +40,6 @@ import loopwatch
 
 _started: list[loopwatch.Monitor] = []
 
-#: How each ``/disconnect`` stream ended, in order: ("completed" | "cancelled" | ...,
-#: chunks sent). Compared between the app with and without the middleware.
-stream_endings: list[tuple[str, int]] = []
-
 FILES = Path(tempfile.mkdtemp(prefix="loopwatch-hardening-files-"))
 BIG_FILE = FILES / "big.bin"
 TEXT_FILE = FILES / "hello.txt"
@@ -68,6 +64,10 @@ def build_corpus(registry: CollectorRegistry | None, *, instrument: bool = True,
                  **options: Any) -> FastAPI:
     """Every kind of response the transparency tests compare."""
     app = FastAPI(lifespan=_lifespan)
+    #: How each ``/disconnect`` stream ended, in order ("completed", "cancelled", ...):
+    #: compared between the app with and without the middleware.
+    stream_endings: list[str] = []
+    app.state.stream_endings = stream_endings
     if instrument:
         app.add_middleware(loopwatch.LoopWatchMiddleware, registry=registry, **options)
         app.mount("/metrics", loopwatch.metrics_app(registry))
@@ -138,15 +138,15 @@ def build_corpus(registry: CollectorRegistry | None, *, instrument: bool = True,
                     yield b"y" * 4096
                     sent += 1
                     await asyncio.sleep(0.005)
-                stream_endings.append(("completed", sent))
+                stream_endings.append("completed")
             except asyncio.CancelledError:
-                stream_endings.append(("cancelled", min(sent, 1)))
+                stream_endings.append("cancelled" if sent else "cancelled before a chunk")
                 raise
             except GeneratorExit:
-                stream_endings.append(("closed", min(sent, 1)))
+                stream_endings.append("closed" if sent else "closed before a chunk")
                 raise
             except BaseException as exc:  # noqa: BLE001
-                stream_endings.append((type(exc).__name__, min(sent, 1)))
+                stream_endings.append(type(exc).__name__)
                 raise
 
         return StreamingResponse(chunks(), media_type="application/octet-stream")
@@ -184,6 +184,12 @@ def build_corpus(registry: CollectorRegistry | None, *, instrument: bool = True,
     @app.get("/sync")
     def sync(ms: int = 0) -> dict[str, int]:
         time.sleep(ms / 1000)
+        return {"slept": ms}
+
+    @app.get("/executor")
+    async def executor(ms: int = 0) -> dict[str, int]:
+        # Work handed to the loop's default executor, as many apps do for blocking calls.
+        await asyncio.get_running_loop().run_in_executor(None, time.sleep, ms / 1000)
         return {"slept": ms}
 
     @app.get("/pid")
@@ -241,6 +247,8 @@ class FaultUpstream:
         self.trickle_interval = trickle_interval
         self.active = 0
         self.served = 0
+        #: Set to end every trickling body now (test teardown).
+        self.released = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -287,6 +295,8 @@ class FaultUpstream:
         await send({"type": "http.response.body", "body": b'{"id": 1, "pad": "',
                     "more_body": True})
         for _ in range(100_000):  # bounded: 100,000 x trickle_interval
+            if self.released:
+                break
             await asyncio.sleep(self.trickle_interval)
             await send({"type": "http.response.body", "body": b"x", "more_body": True})
         await send({"type": "http.response.body", "body": b'"}'})
@@ -312,3 +322,47 @@ if os.environ.get("HARDENING_REPORT_EXIT"):
     atexit.register(_report_threads_at_exit)
 
 app = build_corpus(None)
+
+
+# -- a plain Starlette app for driving 100,000 requests in-process ----------------------------
+
+
+def build_plain(registry: CollectorRegistry, **options: Any) -> Any:
+    """Starlette with every kind of route a label can come from: plain, with a typed
+    parameter, a router under a Mount, a mounted raw ASGI app, a WebSocket; wrapped in the
+    middleware (the returned app is the middleware, whose ``.app`` is the Starlette app)."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse as Text
+    from starlette.routing import Mount, Route, WebSocketRoute
+
+    async def hello(request: Any) -> Text:
+        return Text("hello")
+
+    async def user(request: Any) -> Text:
+        return Text(str(request.path_params["user_id"]))
+
+    async def item(request: Any) -> Text:
+        await asyncio.sleep(0)  # a real await: requests overlap
+        return Text(request.path_params["name"], status_code=201 if request.method == "POST"
+                    else 200)
+
+    async def thing(request: Any) -> Text:
+        return Text("thing")
+
+    async def raw(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"raw"})
+
+    async def ws(websocket: Any) -> None:
+        await websocket.close()
+
+    routes = [
+        Route("/", hello),
+        Route("/users/{user_id:int}", user),
+        Route("/items/{name}", item, methods=["GET", "POST", "PUT"]),
+        Mount("/api/v1", routes=[Route("/things/{thing_id}", thing)]),
+        Mount("/raw", app=raw),
+        WebSocketRoute("/ws", ws),
+    ]
+    app = Starlette(routes=routes)
+    return loopwatch.LoopWatchMiddleware(app, registry=registry, **options)
