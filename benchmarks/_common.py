@@ -15,6 +15,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
@@ -173,20 +174,27 @@ def server(args: Sequence[str], port: int, env: Mapping[str, str] | None = None,
     """``python args`` in its own process, yielded once it answers ``ready``; stopped on exit."""
     environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    # stderr to a file, not a pipe nobody reads: a full pipe would block the server.
+    errfile = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=environ,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=errfile)
+
+    def stderr() -> str:
+        errfile.seek(0)
+        return errfile.read().decode(errors="replace")[-3000:]
+
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise RuntimeError(f"server {args} exited: {err}")
+                raise RuntimeError(f"server {args} exited: {stderr()}")
             try:
                 http_get_sync(port, ready, timeout=5)
                 break
             except (OSError, asyncio.TimeoutError):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"server {args} did not answer on {port}") from None
+                    raise RuntimeError(
+                        f"server {args} did not answer on {port}: {stderr()}") from None
                 time.sleep(0.1)
         yield proc
     finally:
@@ -196,18 +204,19 @@ def server(args: Sequence[str], port: int, env: Mapping[str, str] | None = None,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        errfile.close()
 
 
 def wrk(port: int, path: str, seconds: float, threads: int = 2, connections: int = 50,
-        ) -> dict[str, Any]:
-    """Run wrk; requests/s and latency percentiles (seconds), parsed from a Lua summary."""
+        paths: Sequence[str] = ()) -> dict[str, Any]:
+    """Run wrk; requests/s and latency percentiles (seconds), parsed from a Lua summary.
+    With ``paths``, requests cycle through them instead of ``path``."""
     script = BENCH / "_wrk_report.lua"
+    env = {**os.environ, "WRK_PATHS": ",".join(paths)} if paths else None
     out = subprocess.run(
         ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s",
          "--timeout", "10s", "-s", str(script), f"http://127.0.0.1:{port}{path}"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env=env,
     ).stdout
     for line in out.splitlines():
         if line.startswith("LOOPWATCH_BENCH "):

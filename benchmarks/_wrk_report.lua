@@ -1,4 +1,19 @@
--- wrk's done() hook: one machine-readable line with what benchmarks/_common.py needs.
+-- For wrk: with WRK_PATHS="/a,/b" set, requests cycle through those paths; done() prints one
+-- machine-readable line with what benchmarks/_common.py needs.
+local paths = {}
+local spec = os.getenv("WRK_PATHS")
+if spec then
+  for p in string.gmatch(spec, "[^,]+") do paths[#paths + 1] = p end
+end
+local i = 0
+
+if #paths > 0 then
+  request = function()
+    i = i % #paths + 1
+    return wrk.format("GET", paths[i])
+  end
+end
+
 done = function(summary, latency, requests)
   local seconds = summary.duration / 1e6
   local errors = summary.errors.connect + summary.errors.read + summary.errors.write

@@ -91,7 +91,7 @@ def monitor_only(awaits: bool = False) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        monitor = loopwatch.Monitor().start()
+        monitor = loopwatch.Monitor(config=loopwatch.Config.from_env()).start()
         try:
             yield
         finally:
@@ -280,12 +280,13 @@ def accuracy() -> FastAPI:
             _truth.clear()
         return {"ok": True}
 
+    _busy_lines = inspect.getsourcelines(_busy)
     LINES.update({
         "sleep": _line_of(block_sleep, "BLOCK:sleep"),
         "cpu": _line_of(block_cpu, "BLOCK:cpu"),
         # CPU-bound code is sampled where it runs: any line of _busy is the exact line.
-        "cpu_body_first": inspect.getsourcelines(_busy)[1],
-        "cpu_body_last": inspect.getsourcelines(_busy)[1] + len(inspect.getsourcelines(_busy)[0]) - 1,
+        "cpu_body_first": _busy_lines[1],
+        "cpu_body_last": _busy_lines[1] + len(_busy_lines[0]) - 1,
         "after-await": _line_of(block_after_await, "BLOCK:after-await"),
         "child": _line_of(child, "BLOCK:child"),
     })

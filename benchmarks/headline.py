@@ -32,6 +32,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,19 +79,25 @@ def get_sync(port: int, path: str) -> tuple[int, bytes]:
 def running(
     args: Sequence[str], port: int, env: Mapping[str, str], ready: str = "/docs"
 ) -> Iterator[None]:
-    """``python args`` in a subprocess, once it answers ``ready`` on ``port``; stopped on exit."""
+    """``python args`` in a subprocess, once it answers ``ready`` on ``port``; stopped on exit.
+
+    Its stderr goes to a file, not to a pipe nobody reads: the block warnings of a long run
+    would fill a pipe and then block the server on its next log line.
+    """
+    errfile = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, *args],
         cwd=ROOT,
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=errfile,
     )
     try:
         deadline = time.monotonic() + 30
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{args} exited: {proc.stderr.read().decode()}")  # type: ignore[union-attr]
+                errfile.seek(0)
+                raise RuntimeError(f"{args} exited: {errfile.read().decode()[-3000:]}")
             try:
                 get_sync(port, ready)
                 break
@@ -106,6 +113,7 @@ def running(
         except subprocess.TimeoutExpired:  # a loop still blocked by queued requests
             proc.kill()
             proc.wait()
+        errfile.close()
 
 
 @dataclass
@@ -147,6 +155,7 @@ class Crowd:
             "last_extrapolated": self.answered < self.users,
             "per_user_s": round(self.per_user(), 3) if self.capped_at else None,
             "capped_at_s": self.capped_at,
+            "waits_s": [round(w, 4) for w in self.waits],
         }
 
 

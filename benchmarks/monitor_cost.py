@@ -127,8 +127,8 @@ def loop_rows(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         ("per callback", callbacks(args.callbacks), 1e6, "µs", args.rounds),
         ("per task step", task_steps(args.callbacks), 1e6, "µs", args.rounds),
     ):
-        bare, watched = alternate(rounds, lambda b=bench: run(kind, b, False) * scale,
-                                  lambda b=bench: run(kind, b, True) * scale)
+        bare, watched = alternate(rounds, lambda b=bench, s=scale: run(kind, b, False) * s,
+                                  lambda b=bench, s=scale: run(kind, b, True) * s)
         out[name] = row(bare, watched, unit)
         r = out[name]
         log(f"  {kind:8} {name:34} {r['bare']['median']:10.3f} {r['monitored']['median']:10.3f}"
@@ -144,11 +144,10 @@ def request_rows(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     for axis, k, conc in grid:
         # About the same time per sample whatever k: more awaits, fewer requests.
         n = max(args.requests // max(1, k // 4), 2 * conc, 200)
-        path = (lambda i, k=k: f"/awaits/{k}")
-
-        def sample(factory: Callable[..., Any]) -> tuple[float, float]:
-            w, c = run_app(kind, lambda: factory(awaits=True), n, conc, path=path,
-                           warmup=min(n, max(500, conc)))
+        def sample(factory: Callable[..., Any], n: int = n, conc: int = conc,
+                   k: int = k) -> tuple[float, float]:
+            w, c = run_app(kind, lambda: factory(awaits=True), n, conc,
+                           path=lambda i: f"/awaits/{k}", warmup=min(n, max(500, conc)))
             return w * 1e6, c * 1e6
 
         pairs_b: list[tuple[float, float]] = []

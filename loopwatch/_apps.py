@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import glob
 import gzip
 import json
 import os
@@ -50,12 +51,29 @@ async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[byt
     await send({"type": "http.response.body", "body": b"" if head_only else body})
 
 
+def _forget_dead_workers(directory: str) -> None:
+    """Drop the live gauges of worker processes that are gone (uvicorn's supervisor, unlike
+    gunicorn's ``child_exit`` hook, never calls ``mark_process_dead``): their counters and
+    histograms stay, their in-progress and thread-pool gauges must not."""
+    from prometheus_client import multiprocess
+
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        try:
+            pid = int(os.path.basename(path).rsplit("_", 1)[1][:-3])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        except (ValueError, PermissionError, OSError):
+            continue
+
+
 def _render(registry: CollectorRegistry | None, accept: str, accept_gzip: bool,
             ) -> tuple[bytes, str, bool]:
     if registry is None:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             from prometheus_client import multiprocess
 
+            _forget_dead_workers(os.environ["PROMETHEUS_MULTIPROC_DIR"])
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         else:
@@ -145,7 +163,8 @@ class _EventsApp:
         for part in query.split("&"):
             name, _, value = part.partition("=")
             if name == "limit":
-                if not value.isdigit() or not 1 <= int(value) <= 1000:
+                if not (value.isascii() and value.isdigit() and len(value) <= 4) \
+                        or not 1 <= int(value) <= 1000:
                     body = json.dumps({"detail": f"invalid limit={value!r}; allowed: an "
                                                  "integer from 1 to 1000"}).encode()
                     await _respond(send, 422, body, [json_type], False)

@@ -88,16 +88,18 @@ class Config:
                 raise ValueError(
                     f"loopwatch: invalid environment variable {var}={raw!r}; allowed: {allowed}"
                 ) from None
+        from_env = [name for name in options if name not in overrides]
         options.update(overrides)
         try:
             return cls(**options)
         except ValueError as exc:
-            # Name the variable when the bad value came from the environment.
-            for name in options:
-                if name not in overrides and f" {name}=" in str(exc):
-                    raise ValueError(
-                        f"{exc} (from environment variable {_ENV_PREFIX + name.upper()})"
-                    ) from None
+            # Name the variables when a bad value, or a bad combination, came from them.
+            if from_env:
+                variables = ", ".join(
+                    f"{_ENV_PREFIX + n.upper()}={env[_ENV_PREFIX + n.upper()]!r}"
+                    for n in from_env
+                )
+                raise ValueError(f"{exc} (set from environment: {variables})") from None
             raise
 
     def replace(self, **changes: Any) -> Config:

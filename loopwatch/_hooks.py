@@ -144,7 +144,8 @@ def make_task_factory(monitor: Monitor, previous: Any) -> Any:
     """A task factory that times each task's steps, then defers to ``previous`` (if any)."""
 
     def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
-        if monitor.active and not isinstance(coro, TimedCoroutine):
+        # Only real coroutines: anything else must reach Task() and fail there, as without us.
+        if monitor.active and asyncio.iscoroutine(coro) and not isinstance(coro, TimedCoroutine):
             coro = TimedCoroutine(coro, monitor)
         if previous is not None:
             return previous(loop, coro, **kwargs)  # type: ignore[no-any-return]

@@ -27,6 +27,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _clock = time.perf_counter
+_running_loop = asyncio.get_running_loop
 _set_owner = current_owner.set
 _reset_owner = current_owner.reset
 
@@ -102,11 +103,14 @@ class LoopWatchMiddleware:
             if kind == "lifespan":
                 await self.app(scope, self._lifespan_receive(receive), self._lifespan_send(send))
                 return
-            if self.monitor is None:
+            if self.monitor is None or self.monitor.loop is not _running_loop():
                 self._start()
             await self.app(scope, receive, send)
             return
-        if self.monitor is None:
+        monitor = self.monitor
+        if monitor is None or monitor.loop is not _running_loop():
+            # First request without lifespan, or the app now runs on another loop (a new
+            # server of the same app object, as test suites do).
             self._start()
         path = scope["path"]
         if path in self.exclude_paths or path.startswith(self._excluded_prefixes):
@@ -171,10 +175,12 @@ class LoopWatchMiddleware:
         return wrapped
 
     def _start(self) -> None:
+        loop = asyncio.get_running_loop()
         if self.monitor is not None:
-            return
+            if self.monitor.loop is loop:
+                return
+            self._stop()  # left behind by a server that ran without lifespan
         try:
-            loop = asyncio.get_running_loop()
             monitor = get_monitor(loop)
             if monitor is None:
                 monitor = Monitor(loop, config=self.config).start()

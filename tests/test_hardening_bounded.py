@@ -14,7 +14,6 @@ import random
 import string
 import time
 import tracemalloc
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -211,12 +210,15 @@ def test_100k_random_requests_add_no_series_and_leave_every_map_bounded(loop_kin
     total = sum(driver.statuses.values())
     assert total == 100_000 + 10 * 9
     assert set(driver.statuses) <= {200, 201, 404, 405, 307}, driver.statuses
-    # Not one new series in the last 90,000 requests.
-    added = measured["series_100k"] - measured["series_10k"]
+    # Not one new series in the last 90,000 requests. (The in-progress gauge gets a series
+    # for a (method, route) only once a tick sees such a request in flight, so its set grows
+    # by chance within the same bounded label set: checked below.)
+    added = {s for s in measured["series_100k"] - measured["series_10k"]
+             if s[0] != "loopwatch_requests_in_progress"}
     assert not added, sorted(added)[:10]
     # Every label is bounded: a route template (never a raw path) and a known method.
     requests_total = series(registry)
-    for name, labels in requests_total:
+    for _, labels in requests_total:
         label = dict(labels)
         if "route" in label:
             assert label["route"] in ROUTES, label
@@ -317,6 +319,3 @@ def test_block_histograms_and_the_event_ring_stay_bounded() -> None:
     block_series = label_pairs(registry, "loopwatch_event_loop_block_duration_seconds_count")
     assert {m for m, _ in block_series} <= {"GET", "PUT", "POST", "_OTHER", "<none>"}
 
-
-def _noop(*_: Any) -> Callable[..., None]:
-    return lambda *a: None

@@ -3,14 +3,14 @@
 ``build_corpus(registry, instrument=...)`` is the same FastAPI app with or without loopwatch,
 so that the two can be compared byte for byte. ``FaultUpstream`` answers the demo's upstream
 routes with faults the demo's own simulator does not have (a huge body, a body that trickles
-in forever, a body shorter than its Content-Length). ``python -m tests.apps.hardening_app``
-is not a thing: the module-level ``app`` is for ``uvicorn tests.apps.hardening_app:app``.
+in forever, a body shorter than its Content-Length). ``build_plain`` is a small Starlette app
+for driving many requests in-process. The module-level ``app`` is for
+``uvicorn tests.apps.hardening_app:app`` in a subprocess.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import json
 import os
@@ -40,13 +40,24 @@ import loopwatch
 
 _started: list[loopwatch.Monitor] = []
 
-FILES = Path(tempfile.mkdtemp(prefix="loopwatch-hardening-files-"))
+# The files the corpus serves: one fixed folder shared by every process that imports this
+# module (servers in subprocesses, workers), written atomically once.
+FILES = Path(tempfile.gettempdir()) / "loopwatch-hardening-files-v1"
 BIG_FILE = FILES / "big.bin"
 TEXT_FILE = FILES / "hello.txt"
-BIG_FILE.write_bytes(bytes(range(256)) * 4096)  # 1 MiB, every byte value
-TEXT_FILE.write_text("hello, file\n" * 100)
-os.utime(BIG_FILE, (1_700_000_000, 1_700_000_000))  # stable Last-Modified and ETag
-os.utime(TEXT_FILE, (1_700_000_000, 1_700_000_000))
+
+
+def _write_once(path: Path, content: bytes) -> None:
+    if not (path.exists() and path.stat().st_size == len(content)):
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_bytes(content)
+        os.replace(partial, path)
+    os.utime(path, (1_700_000_000, 1_700_000_000))  # stable Last-Modified and ETag
+
+
+FILES.mkdir(exist_ok=True)
+_write_once(BIG_FILE, bytes(range(256)) * 4096)  # 1 MiB, every byte value
+_write_once(TEXT_FILE, b"hello, file\n" * 100)
 
 
 class Item(BaseModel):
@@ -186,6 +197,14 @@ def build_corpus(registry: CollectorRegistry | None, *, instrument: bool = True,
         time.sleep(ms / 1000)
         return {"slept": ms}
 
+    @app.post("/login/{username}")
+    async def login(username: str, request: Request) -> dict[str, bool]:
+        body = await request.body()
+        password = body.decode()  # a secret in a local variable while the loop blocks
+        api_key = request.headers.get("x-api-key", "")
+        time.sleep(0.15)  # noqa: ASYNC251 - blocking on purpose, with secrets in locals
+        return {"ok": bool(password and api_key and username)}
+
     @app.get("/executor")
     async def executor(ms: int = 0) -> dict[str, int]:
         # Work handed to the loop's default executor, as many apps do for blocking calls.
@@ -307,23 +326,6 @@ class FaultUpstream:
         raise RuntimeError("the upstream died mid-body")  # uvicorn closes the connection
 
 
-# -- for `uvicorn tests.apps.hardening_app:app` in a subprocess -------------------------------
-
-
-def _report_threads_at_exit() -> None:
-    """Print the threads still alive when the interpreter exits (after the server stopped):
-    the SIGTERM test checks that the loopwatch watchdog is not among them."""
-    names = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
-    print(f"HARDENING-EXIT threads={json.dumps(names)} monitor_stopped="
-          f"{all(not m.active for m in _started)}", file=sys.stderr, flush=True)
-
-
-if os.environ.get("HARDENING_REPORT_EXIT"):
-    atexit.register(_report_threads_at_exit)
-
-app = build_corpus(None)
-
-
 # -- a plain Starlette app for driving 100,000 requests in-process ----------------------------
 
 
@@ -366,3 +368,38 @@ def build_plain(registry: CollectorRegistry, **options: Any) -> Any:
     ]
     app = Starlette(routes=routes)
     return loopwatch.LoopWatchMiddleware(app, registry=registry, **options)
+
+
+# -- for `uvicorn tests.apps.hardening_app:app` in a subprocess -------------------------------
+
+
+class _ShutdownReport:
+    """Outermost ASGI wrapper: when the app has finished its lifespan shutdown (the
+    middleware stopped its monitor on the way out), print the threads still alive to stderr.
+
+    uvicorn re-raises SIGTERM after a graceful shutdown, so the process ends by the signal
+    and atexit handlers never run: the report is made here instead.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def reporting_send(message: Any) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                names = sorted(t.name for t in threading.enumerate()
+                               if t is not threading.current_thread())
+                print(f"HARDENING-EXIT threads={json.dumps(names)} monitor_stopped="
+                      f"{all(not m.active for m in _started)}", file=sys.stderr, flush=True)
+            await send(message)
+
+        await self.app(scope, receive, reporting_send)
+
+
+app: Any = build_corpus(None)
+if os.environ.get("HARDENING_REPORT_EXIT"):
+    app = _ShutdownReport(app)

@@ -1,0 +1,324 @@
+"""Where loopwatch's per-request cost goes, in instructions counted by callgrind.
+
+Each piece of loopwatch's hot path is run on its own, n and 2n times, between callgrind's
+zero and dump markers (see callgrind.py); the difference divided by n is its count per call:
+
+* the whole ``LoopWatchMiddleware`` request path around a minimal ASGI app (no FastAPI),
+  against the bare app and against the cheapest possible pass-through middleware;
+* ``LoopWatchMetrics.flush()``, which folds the batched observations into Prometheus, per
+  request folded;
+* the step hooks: ``Handle._run`` with loopwatch's wrapper (asyncio) and
+  ``TimedCoroutine.send`` (uvloop), against the originals, called directly;
+* the parts of the request path one by one (``model`` rows re-create a piece of the
+  middleware's code; the others call loopwatch's own functions).
+
+    python benchmarks/breakdown.py [--n 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextvars
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+ZERO, DUMP = "os_getppid", "os_getpgrp"
+
+
+def child(n: int) -> None:
+    from _inprocess import _scope
+    from bench_apps import PassThrough
+    from prometheus_client import CollectorRegistry
+
+    from loopwatch import _hooks
+    from loopwatch._attribution import current_owner
+    from loopwatch._middleware import LoopWatchMiddleware, _RequestOwner
+    from loopwatch._routes import method_label, route_label
+
+    names: list[str] = []
+
+    def segment(name: str, fn: Callable[[int], Any],
+                prepare: Callable[[int], Any] | None = None) -> None:
+        """Count fn(k) for k = n and 2n; prepare(k), if given, runs first, uncounted."""
+        if prepare is not None:
+            prepare(n)
+        fn(n)  # warm-up (and specialisation)
+        for k in (n, 2 * n):
+            if prepare is not None:
+                prepare(k)
+            gc.collect()
+            gc.freeze()  # a collection of what is already there is not the segment's cost
+            os.getppid()
+            fn(k)
+            os.getpgrp()
+            gc.unfreeze()
+            names.append(name)
+
+    class Route:
+        path = "/items/{item_id}"
+
+    route = Route()
+    start = {"type": "http.response.start", "status": 200,
+             "headers": [(b"content-type", b"application/json")]}
+    body = {"type": "http.response.body", "body": b'{"item_id":1}'}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        scope["route"] = route
+        await send(start)
+        await send(body)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        pass
+
+    template = _scope("/items/1")
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    middleware = LoopWatchMiddleware(app, registry=CollectorRegistry(), log_blocks=False)
+    passthrough = PassThrough(app)
+
+    pending = middleware.metrics.pending
+
+    async def requests(asgi: Any, k: int) -> None:
+        # The batched observations are dropped every 50 requests, as the monitor's probe
+        # folds them under a server (the fold is counted apart, below): a batch growing
+        # without end would only measure the garbage collector walking it.
+        for i in range(k):
+            await asgi(dict(template), receive, send)
+            if i % 50 == 0:
+                pending.clear()
+
+    # The middleware starts its monitor on the first request. It is stopped at once: its
+    # probe, flush and watchdog run on timers and would land in some segments and not in
+    # others. The middleware keeps it (note_finished() still runs); the step hooks are
+    # measured below on a monitor object of their own.
+    loop.run_until_complete(requests(middleware, 1))
+    assert middleware.monitor is not None
+    middleware.monitor.stop()
+    middleware.metrics.flush()
+
+    for name, asgi in (("app alone", app), ("pass-through middleware", passthrough),
+                       ("LoopWatchMiddleware request path", middleware)):
+        segment(name, lambda k, a=asgi: loop.run_until_complete(requests(a, k)))
+        middleware.metrics.flush()
+
+    async def unflushed(k: int) -> None:
+        # Real requests, so the batch holds whatever the middleware records today.
+        for _ in range(k):
+            await middleware(dict(template), receive, send)
+
+    segment("flush, per request folded", lambda k: middleware.metrics.flush(),
+            prepare=lambda k: loop.run_until_complete(unflushed(k)))
+
+    # -- step hooks, called directly, on a monitor that is active but runs no timers --
+    monitor = loopwatch.Monitor(log_blocks=False)
+    monitor.active = True
+    _hooks.install_handle_hook(loop, monitor)
+    handle = asyncio.Handle(lambda: None, (), loop, context=contextvars.copy_context())
+    original = _hooks._original_run
+
+    def handle_runs(k: int) -> None:
+        run = handle._run
+        for _ in range(k):
+            run()
+
+    segment("Handle._run, hooked (asyncio step)", handle_runs)
+    _hooks.uninstall_handle_hook(loop)
+    assert asyncio.events.Handle._run is original
+    segment("Handle._run, original", handle_runs)
+
+    @types.coroutine
+    def yielder(k: int) -> Any:
+        for _ in range(k):
+            yield None
+
+    async def stepper(k: int) -> None:
+        await yielder(k)
+
+    def sends(k: int, wrap: bool) -> None:
+        coro = stepper(k)
+        target = _hooks.TimedCoroutine(coro, monitor) if wrap else coro
+        step = target.send
+        try:
+            while True:
+                step(None)
+        except StopIteration:
+            pass
+
+    segment("coroutine.send, in TimedCoroutine (uvloop step)", lambda k: sends(k, True))
+    segment("coroutine.send, original", lambda k: sends(k, False))
+
+    # -- the request path, piece by piece --
+    scope = dict(template, route=route)
+
+    def loop_only(k: int) -> None:
+        for _ in range(k):
+            pass
+
+    def owner(k: int) -> None:
+        for _ in range(k):
+            _RequestOwner(scope, "")
+
+    def ctxvar(k: int) -> None:
+        o = _RequestOwner(scope, "")
+        set_, reset = current_owner.set, current_owner.reset
+        for _ in range(k):
+            reset(set_(o))
+
+    def in_flight(k: int) -> None:
+        s: set[Any] = set()
+        o = _RequestOwner(scope, "")
+        for _ in range(k):
+            s.add(o)
+            s.discard(o)
+
+    def labels(k: int) -> None:
+        for _ in range(k):
+            method_label(scope["method"])
+            route_label(scope, "")
+
+    def clocks(k: int) -> None:
+        c = time.perf_counter
+        for _ in range(k):
+            c()
+            c()
+            c()
+
+    def note(k: int) -> None:
+        o = _RequestOwner(scope, "")
+        monitor.step_start = time.perf_counter()  # as inside a timed step
+        for _ in range(k):
+            monitor.note_finished(o)
+        monitor.step_start = 0.0
+
+    def append(k: int) -> None:
+        d: deque[Any] = deque()
+        for _ in range(k):
+            d.append(("GET", "/items/{item_id}", 200, 0.001, 0.0002))
+
+    async def plain_sends(k: int) -> None:
+        for _ in range(k):
+            await send(start)
+            await send(body)
+
+    async def wrapped_sends(k: int) -> None:  # model of the middleware's send_wrapper
+        for _ in range(k):
+            status = 0
+            ended = 0.0
+
+            async def send_wrapper(message: Any) -> None:
+                nonlocal status, ended
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                elif not message.get("more_body", False):
+                    ended = time.perf_counter()
+                await send(message)
+
+            await send_wrapper(start)
+            await send_wrapper(body)
+
+    async def forwarding_sends(k: int) -> None:  # the same as a plain function, no coroutine
+        for _ in range(k):
+            status = 0
+            ended = 0.0
+
+            def send_wrapper(message: Any) -> Any:
+                nonlocal status, ended
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                elif not message.get("more_body", False):
+                    ended = time.perf_counter()
+                return send(message)
+
+            await send_wrapper(start)
+            await send_wrapper(body)
+
+    for name, fn in (
+        ("(empty loop)", loop_only),
+        ("_RequestOwner(...)", owner),
+        ("ContextVar set + reset", ctxvar),
+        ("in-flight set add + discard", in_flight),
+        ("method_label + route_label", labels),
+        ("3 x perf_counter()", clocks),
+        ("Monitor.note_finished", note),
+        ("tuple + deque.append", append),
+    ):
+        segment(name, fn)
+    for name, afn in (
+        ("2 sends, unwrapped", plain_sends),
+        ("2 sends through an async send_wrapper (model)", wrapped_sends),
+        ("2 sends through a plain-def send_wrapper (model)", forwarding_sends),
+    ):
+        segment(name, lambda k, f=afn: loop.run_until_complete(f(k)))
+    loop.close()
+    print("SEGMENTS " + json.dumps(names), flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4000, help="calls per (short) segment")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.n)
+        return {}
+    from _common import command_line, log, write_result
+
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    out = Path(tempfile.mkdtemp(prefix="lw-breakdown-"))
+    try:
+        cmd = ["valgrind", "--tool=callgrind", f"--zero-before={ZERO}", f"--dump-before={DUMP}",
+               f"--callgrind-out-file={out}/cg.%p", sys.executable, os.path.abspath(__file__),
+               "--child", "--n", str(args.n)]
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": "0"})
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        names = json.loads(proc.stdout.split("SEGMENTS ", 1)[1])
+        dumps = sorted(out.glob("cg.*.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))
+        counts = []
+        for dump in dumps:
+            for line in dump.read_text().splitlines():
+                if line.startswith("summary:"):
+                    counts.append(int(line.split()[1]))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    rows: dict[str, float] = {}
+    for i in range(0, len(names), 2):
+        rows[names[i]] = (counts[i + 1] - counts[i]) / args.n
+    empty = rows.pop("(empty loop)")
+    for name in list(rows):
+        if name in ("_RequestOwner(...)", "ContextVar set + reset", "in-flight set add + discard",
+                    "method_label + route_label", "3 x perf_counter()", "Monitor.note_finished",
+                    "tuple + deque.append"):
+            rows[name] -= empty
+    log("instructions per call (callgrind):")
+    for name, v in rows.items():
+        log(f"  {name:50} {v:10,.0f}")
+    path = write_result("breakdown", {"config": vars(args), "instructions": rows,
+                                      "empty_loop": empty}, command_line())
+    log(f"written to {path}")
+    return {"instructions": rows}
+
+
+if __name__ == "__main__":
+    main()
