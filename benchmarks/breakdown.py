@@ -46,6 +46,7 @@ def child(n: int) -> None:
     from bench_apps import PassThrough
     from prometheus_client import CollectorRegistry
 
+    import loopwatch
     from loopwatch import _hooks
     from loopwatch._attribution import current_owner
     from loopwatch._middleware import LoopWatchMiddleware, _RequestOwner

@@ -317,11 +317,13 @@ def all_modules() -> list[str]:
 def _netns_prefix(use_netns: bool) -> list[str]:
     if not use_netns or not sys.platform.startswith("linux"):
         return []
-    unshare = shutil.which("unshare")
-    if unshare is None:
+    unshare, ip = shutil.which("unshare"), shutil.which("ip")
+    if unshare is None or ip is None:
         return []
     try:
-        probe = subprocess.run([unshare, "-n", "true"], capture_output=True, timeout=10)
+        # The namespace is only useful if its loopback interface can be brought up.
+        probe = subprocess.run([unshare, "-n", ip, "link", "set", "lo", "up"],
+                               capture_output=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [unshare, "-n"] if probe.returncode == 0 else []
@@ -339,8 +341,7 @@ def _run_worker(prefix: list[str], loop: str, config: str, names: list[str],
     inner += names
     if prefix:
         # A new network namespace starts with its loopback interface down.
-        script = "ip link set lo up 2>/dev/null || true; exec " + " ".join(
-            _quote(a) for a in inner)
+        script = "ip link set lo up && exec " + " ".join(_quote(a) for a in inner)
         cmd = [*prefix, "sh", "-c", script]
     else:
         cmd = inner
