@@ -18,7 +18,7 @@ from typing import Any
 import uvicorn
 
 from .app import create_app
-from .config import ConfigError, Settings, Spec, flag, int_range
+from .config import ConfigError, Settings, Spec, flag, host, int_range
 from .faults import Behaviour
 from .upstream import UpstreamSimulator, create_upstream_app
 
@@ -28,7 +28,7 @@ _WILDCARDS = {"", "0.0.0.0", "::"}
 
 # option -> (environment variable, spec, default). A flag wins over its variable.
 _OPTIONS: dict[str, tuple[str, Spec[Any], Any]] = {
-    "host": ("DEMO_HOST", Spec(str, bool, "a host name or address"), "127.0.0.1"),
+    "host": ("DEMO_HOST", host(), "127.0.0.1"),
     "port": ("DEMO_PORT", int_range(1, 65535), 8000),
     "upstream_port": ("DEMO_UPSTREAM_PORT", int_range(1, 65535), 8001),
     "loop": (

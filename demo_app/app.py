@@ -3,19 +3,90 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+import anyio
 import httpx
 from fastapi import FastAPI
 
 from . import antipatterns, routes
 from .config import Settings
+from .errors import UpstreamResponseTooLarge
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-__all__ = ["add_loopwatch", "create_app", "make_client"]
+__all__ = ["MAX_UPSTREAM_BODY", "BoundedTransport", "add_loopwatch", "create_app", "make_client"]
+
+#: The largest upstream body the demo reads: its answers are small JSON documents, and a
+#: larger one would be buffered, parsed on the event loop and sent on whole.
+MAX_UPSTREAM_BODY = 10 * 1024 * 1024
+
+
+class _BoundedStream(httpx.AsyncByteStream):
+    def __init__(self, stream: httpx.AsyncByteStream, request: httpx.Request,
+                 deadline: float, limit: int) -> None:
+        self._stream, self._request, self._deadline, self._limit = stream, request, deadline, limit
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        received = 0
+        chunks = self._stream.__aiter__()
+        while True:
+            remaining = self._deadline - time.monotonic()
+            try:
+                with anyio.fail_after(max(remaining, 0)):
+                    chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise httpx.ReadTimeout("the upstream's body did not arrive within the timeout",
+                                        request=self._request) from None
+            received += len(chunk)
+            if received > self._limit:
+                raise UpstreamResponseTooLarge(
+                    f"the upstream's body is larger than {self._limit} bytes",
+                    request=self._request)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class BoundedTransport(httpx.AsyncBaseTransport):
+    """Bounds each upstream call as a whole: ``timeout`` seconds from sending the request
+    to the last byte of the body, and at most ``limit`` bytes of body.
+
+    httpx's own timeouts bound each network operation, so an upstream that sends a byte
+    every few seconds never trips them and holds the request (and a pool connection)
+    forever; and it reads a body of any size. Either way the demo could not keep its
+    promise to answer within its timeout.
+    """
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, timeout: float, limit: int) -> None:
+        self._inner, self._timeout, self._limit = inner, timeout, limit
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        deadline = time.monotonic() + self._timeout
+        try:
+            with anyio.fail_after(self._timeout):
+                response = await self._inner.handle_async_request(request)
+        except TimeoutError:
+            raise httpx.ReadTimeout("the upstream did not answer within the timeout",
+                                    request=request) from None
+        length = response.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self._limit:
+            await response.stream.aclose()  # type: ignore[union-attr]
+            raise UpstreamResponseTooLarge(
+                f"the upstream's body is {length} bytes, more than {self._limit}",
+                request=request)
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _BoundedStream(response.stream, request, deadline, self._limit)
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 DESCRIPTION = """\
 The routes of *Build a FastAPI Async Backend That Calls External APIs Without Blocking*,
@@ -34,12 +105,16 @@ def make_client(settings: Settings) -> httpx.AsyncClient:
     A client per request would open (and tear down) a TCP connection per call and could
     open unboundedly many; the shared one reuses at most ``max_connections``.
     """
+    limits = httpx.Limits(
+        max_connections=settings.max_connections,
+        max_keepalive_connections=settings.max_keepalive_connections,
+    )
     return httpx.AsyncClient(
         base_url=settings.upstream_url,
         timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
-        limits=httpx.Limits(
-            max_connections=settings.max_connections,
-            max_keepalive_connections=settings.max_keepalive_connections,
+        limits=limits,
+        transport=BoundedTransport(
+            httpx.AsyncHTTPTransport(limits=limits), settings.timeout, MAX_UPSTREAM_BODY
         ),
     )
 

@@ -7,8 +7,10 @@ setting (or environment variable), the value given and what is allowed, so a typ
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Generic, TypeVar
@@ -22,6 +24,7 @@ __all__ = [
     "Spec",
     "flag",
     "fraction",
+    "host",
     "int_range",
     "positive_seconds",
     "url",
@@ -100,10 +103,32 @@ def flag() -> Spec[bool]:
 
 
 def _is_http_url(value: Any) -> bool:
+    if not isinstance(value, str) or any(c.isspace() for c in value):
+        return False
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError unless the port is a number 0..65535
+    except ValueError:  # also "Invalid IPv6 URL"
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _is_host(value: Any) -> bool:
+    """An IP address or a DNS name, as a server can bind to."""
     if not isinstance(value, str):
         return False
-    parts = urlsplit(value)
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return len(value) <= 253 and _HOST_NAME.fullmatch(value) is not None
+    return True
+
+
+def host() -> Spec[str]:
+    return Spec(str, _is_host, "a host name or IP address, e.g. 127.0.0.1, 0.0.0.0 or ::")
 
 
 def url() -> Spec[str]:

@@ -19,6 +19,7 @@ from fastapi import HTTPException
 
 __all__ = [
     "InvalidUpstreamResponse",
+    "UpstreamResponseTooLarge",
     "describe",
     "json_body",
     "to_http_exception",
@@ -36,6 +37,10 @@ class InvalidUpstreamResponse(Exception):
             f"{response.request.method} {response.request.url}: body is not valid JSON"
         )
         self.response = response
+
+
+class UpstreamResponseTooLarge(httpx.TransportError):
+    """The upstream's body was larger than the demo accepts (see demo_app.app)."""
 
 
 def json_body(response: httpx.Response) -> Any:
@@ -62,6 +67,9 @@ def to_http_exception(
         status, code = 502, "upstream_error"
         retryable = upstream_status >= 500 or upstream_status == 429
         message = f"the upstream service answered {upstream_status} for {resource}"
+    elif isinstance(exc, UpstreamResponseTooLarge):
+        status, code, retryable = 502, "upstream_response_too_large", False
+        message = f"the upstream service sent a body too large to use for {resource}"
     elif isinstance(exc, InvalidUpstreamResponse):
         status, code, retryable = 502, "upstream_invalid_response", True
         message = f"the upstream service sent a body that is not JSON for {resource}"

@@ -7,6 +7,7 @@ import glob
 import gzip
 import json
 import os
+import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -62,9 +63,41 @@ def _forget_dead_workers(directory: str) -> None:
             pid = int(os.path.basename(path).rsplit("_", 1)[1][:-3])
             os.kill(pid, 0)
         except ProcessLookupError:
-            multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+            try:
+                multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+            except OSError:  # another worker's scrape removed the files first
+                pass
         except (ValueError, PermissionError, OSError):
             continue
+
+
+async def _render_in_thread(*args: Any) -> tuple[bytes, str, bool]:
+    """``_render(*args)`` in a thread of its own, never in the loop's default executor: a
+    scrape must not queue behind the application's ``run_in_executor`` work (metrics are most
+    needed when the app is saturated). A thread per scrape costs ~0.1 ms, leaves no thread
+    behind between scrapes and is fork-safe."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[tuple[bytes, str, bool]] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not future.done():
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+    def work() -> None:
+        try:
+            result, error = _render(*args), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop was closed meanwhile: nobody is waiting
+            pass
+
+    threading.Thread(target=work, name="loopwatch-render", daemon=True).start()
+    return await future
 
 
 def _render(registry: CollectorRegistry | None, accept: str, accept_gzip: bool,
@@ -106,10 +139,7 @@ class _MetricsApp:
         accept = headers.get(b"accept", b"").decode("latin-1")
         accept_gzip = "gzip" in headers.get(b"accept-encoding", b"").decode("latin-1")
         flush_all()  # requests finished since the last probe
-        loop = asyncio.get_running_loop()
-        body, content_type, gzipped = await loop.run_in_executor(
-            None, _render, registry, accept, accept_gzip
-        )
+        body, content_type, gzipped = await _render_in_thread(registry, accept, accept_gzip)
         out = [(b"content-type", content_type.encode("latin-1")), (b"vary", b"Accept-Encoding")]
         if gzipped:
             out.append((b"content-encoding", b"gzip"))

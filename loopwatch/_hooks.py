@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -62,16 +63,22 @@ def _timed_run(
             mon.on_block(t0, dt, owner, self._callback)  # type: ignore[attr-defined]
 
 
+# Loops in several threads (and the watchdog of a closed loop) install and uninstall.
+_hook_lock = threading.Lock()
+
+
 def install_handle_hook(loop: asyncio.AbstractEventLoop, monitor: Monitor) -> None:
-    _handle_monitors[loop] = monitor
-    if _Handle._run is not _timed_run:
-        _Handle._run = _timed_run  # type: ignore[method-assign]
+    with _hook_lock:
+        _handle_monitors[loop] = monitor
+        if _Handle._run is not _timed_run:
+            _Handle._run = _timed_run  # type: ignore[method-assign]
 
 
 def uninstall_handle_hook(loop: asyncio.AbstractEventLoop) -> None:
-    _handle_monitors.pop(loop, None)
-    if not _handle_monitors and _Handle._run is _timed_run:
-        _Handle._run = _original_run  # type: ignore[method-assign]
+    with _hook_lock:
+        _handle_monitors.pop(loop, None)
+        if not _handle_monitors and _Handle._run is _timed_run:
+            _Handle._run = _original_run  # type: ignore[method-assign]
 
 
 def handle_hook_works() -> bool:
@@ -140,6 +147,15 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
         return repr(self._coro)
 
 
+class Task(asyncio.Task):  # type: ignore[type-arg]
+    """The tasks the factory makes (named Task, so that ``repr()`` reads as before):
+    ``get_coro()`` returns the task's own coroutine, not the timing wrapper."""
+
+    def get_coro(self) -> Any:
+        coro = super().get_coro()
+        return coro._coro if type(coro) is TimedCoroutine else coro
+
+
 def make_task_factory(monitor: Monitor, previous: Any) -> Any:
     """A task factory that times each task's steps, then defers to ``previous`` (if any)."""
 
@@ -149,7 +165,7 @@ def make_task_factory(monitor: Monitor, previous: Any) -> Any:
             coro = TimedCoroutine(coro, monitor)
         if previous is not None:
             return previous(loop, coro, **kwargs)  # type: ignore[no-any-return]
-        return asyncio.Task(coro, loop=loop, **kwargs)
+        return Task(coro, loop=loop, **kwargs)
 
     factory.loopwatch_previous = previous  # type: ignore[attr-defined]
     return factory

@@ -28,8 +28,14 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _clock = time.perf_counter
 _running_loop = asyncio.get_running_loop
+_loop_or_none = asyncio.events._get_running_loop
 _set_owner = current_owner.set
 _reset_owner = current_owner.reset
+
+
+# Monitors that middlewares started or joined: monitor -> (whether a middleware started it,
+# the middlewares using it). Apps served on one loop share its monitor; it stops with the last.
+_shared: dict[Monitor, tuple[bool, list[Any]]] = {}
 
 
 class _RequestOwner(Owner):
@@ -73,7 +79,19 @@ class LoopWatchMiddleware:
         self.app = app
         if config is not None and options:
             raise ValueError("loopwatch: pass either config= or options, not both")
-        self.config = config if config is not None else Config.from_env(**options)
+        #: A bad option or LOOPWATCH_* variable, reported when the app starts (see __call__).
+        self._config_error: ValueError | None = None
+        try:
+            self.config = config if config is not None else Config.from_env(**options)
+        except ValueError as exc:
+            if _loop_or_none() is None:
+                raise  # created at import time: fail right here
+            # Starlette builds its middleware lazily, inside the first ASGI call (lifespan
+            # startup), where uvicorn's default lifespan="auto" takes an exception for
+            # "lifespan unsupported" and goes on serving a 500 for every request: fail the
+            # startup instead (__call__).
+            self._config_error = exc
+            self.config = Config()
         if isinstance(exclude_paths, str):
             raise ValueError(
                 f"loopwatch: invalid exclude_paths={exclude_paths!r}; allowed: an iterable "
@@ -90,7 +108,6 @@ class LoopWatchMiddleware:
         self._excluded_prefixes = tuple(p.rstrip("/") + "/" for p in self.exclude_paths)
         self.metrics: LoopWatchMetrics = metrics_for(registry)
         self.monitor: Monitor | None = None
-        self._owns_monitor = False
         self._in_flight: set[_RequestOwner] = set()
         self._limiter: Any = None
         self._errors_logged = False
@@ -99,16 +116,24 @@ class LoopWatchMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        if self._config_error is not None:
+            await self._refuse(kind, receive, send)
+            return
         if kind != "http":
             if kind == "lifespan":
-                await self.app(scope, self._lifespan_receive(receive), self._lifespan_send(send))
+                try:
+                    await self.app(scope, self._lifespan_receive(receive),
+                                   self._lifespan_send(send))
+                finally:
+                    self._stop()  # also when the app's own startup failed
                 return
-            if self.monitor is None or self.monitor.loop is not _running_loop():
+            monitor = self.monitor
+            if monitor is None or not monitor.active or monitor.loop is not _running_loop():
                 self._start()
             await self.app(scope, receive, send)
             return
         monitor = self.monitor
-        if monitor is None or monitor.loop is not _running_loop():
+        if monitor is None or not monitor.active or monitor.loop is not _running_loop():
             # First request without lifespan, or the app now runs on another loop (a new
             # server of the same app object, as test suites do).
             self._start()
@@ -174,17 +199,29 @@ class LoopWatchMiddleware:
 
         return wrapped
 
+    async def _refuse(self, kind: str, receive: Receive, send: Send) -> None:
+        error = self._config_error
+        assert error is not None
+        if kind == "lifespan":
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                logger.error("%s", error)
+                await send({"type": "lifespan.startup.failed", "message": str(error)})
+                return
+        raise error
+
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
         if self.monitor is not None:
-            if self.monitor.loop is loop:
+            if self.monitor.active and self.monitor.loop is loop:
                 return
             self._stop()  # left behind by a server that ran without lifespan
         try:
             monitor = get_monitor(loop)
             if monitor is None:
                 monitor = Monitor(loop, config=self.config).start()
-                self._owns_monitor = True
+                _shared[monitor] = (True, [])
+            _shared.setdefault(monitor, (False, []))[1].append(self)
             monitor.add_sink(self.metrics)
             monitor.add_sink(self)
             self.monitor = monitor
@@ -193,16 +230,23 @@ class LoopWatchMiddleware:
             self._internal_error("starting the loop monitor")
 
     def _stop(self) -> None:
+        """Stop using the monitor; the last middleware to leave it stops it, if a middleware
+        started it (apps served on one loop share its monitor)."""
         monitor = self.monitor
         if monitor is None:
             return
         self.monitor = None
         try:
-            monitor.remove_sink(self.metrics)
+            started, users = _shared.get(monitor, (False, []))
+            if self in users:
+                users.remove(self)
             monitor.remove_sink(self)
-            if self._owns_monitor:
-                monitor.stop()
-                self._owns_monitor = False
+            if not any(user.metrics is self.metrics for user in users):
+                monitor.remove_sink(self.metrics)
+            if not users:
+                _shared.pop(monitor, None)
+                if started:
+                    monitor.stop()
         except Exception:  # noqa: BLE001
             self._internal_error("stopping the loop monitor")
 

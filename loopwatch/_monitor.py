@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextvars
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from ._hooks import (
     make_task_factory,
     uninstall_handle_hook,
 )
-from ._watchdog import DISABLED, GIL_HELD, NOT_SAMPLED, Sample, Watchdog
+from ._watchdog import DEAD, DISABLED, GIL_HELD, NOT_SAMPLED, Sample, Watchdog
 
 __all__ = ["Monitor", "Sink", "get_monitor"]
 
@@ -207,6 +208,18 @@ class Monitor:
             self._watchdog = None
         self.step_start = 0.0
 
+    def loop_closed(self) -> None:
+        """Called by the watchdog thread when the loop was closed while this monitor still
+        ran: forget the loop, so that neither loopwatch nor this thread keeps it alive."""
+        loop = self.loop
+        if loop is None or not loop.is_closed() or not self.active:
+            return
+        self.active = False
+        if _monitors.get(loop) is self:
+            del _monitors[loop]
+        if self.mode == "handle":
+            uninstall_handle_hook(loop)
+
     def add_sink(self, sink: Any) -> None:
         """Subscribe ``sink``: any object with some of ``on_probe(lag, busy_delta)``,
         ``on_block(event)``, ``on_tick()`` (once a second) and ``on_internal_error()``."""
@@ -355,6 +368,8 @@ class Monitor:
             watchdog = self._watchdog
             if watchdog is None:
                 status = DISABLED
+            elif not watchdog.is_alive():
+                status = DEAD  # not the GIL: nothing was there to sample
             elif watchdog.starved_during(t0, t0 + duration):
                 status, hint = GIL_HELD, GIL_HINT
             else:
@@ -386,8 +401,11 @@ class Monitor:
         """Count a failure inside loopwatch; log its traceback only the first time."""
         self.internal_errors += 1
         if self.internal_errors == 1:
-            logger.exception(
-                "loopwatch internal error in %s (further ones are only counted)", where
+            # Not logger.exception: a failure found by a check (a dead watchdog) has no
+            # traceback, and would log a "NoneType: None" one.
+            logger.error(
+                "loopwatch internal error in %s (further ones are only counted)", where,
+                exc_info=sys.exc_info()[0] is not None,
             )
         for on_error in self._error_sinks:
             try:

@@ -27,7 +27,7 @@ from ._hints import GIL_HINT, hint_for
 if TYPE_CHECKING:
     from ._monitor import Monitor
 
-__all__ = ["Sample", "Watchdog"]
+__all__ = ["DEAD", "Sample", "Watchdog"]
 
 logger = logging.getLogger("loopwatch")
 
@@ -40,6 +40,7 @@ GIL_HELD = (
 )
 NOT_SAMPLED = "unavailable: the watchdog did not get to sample this block"
 DISABLED = "unavailable: stack sampling is disabled (sample_stacks=False)"
+DEAD = "unavailable: the watchdog thread is not running (it died; loopwatch logged why)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +150,11 @@ class Watchdog:
         while True:
             self.next_wake = wake_at
             if self._stop.wait(max(wake_at - _clock(), 0.0)):
+                break
+            loop = monitor.loop
+            if loop is not None and loop.is_closed():
+                # Closed without stop() (a server without lifespan never stops it): let go.
+                monitor.loop_closed()
                 break
             now = _clock()
             start = monitor.step_start

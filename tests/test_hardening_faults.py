@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import threading
 import time
 import warnings
@@ -30,6 +31,7 @@ import pytest
 from conftest_demo import serve, serve_simulator
 from prometheus_client import CollectorRegistry
 
+import loopwatch
 from demo_app import Settings, create_app
 from loopwatch._metrics import metrics_for
 from tests.apps import hardening_app
@@ -190,6 +192,33 @@ def fault_upstream(mode: str, loop: str, **options: Any) -> Iterator[tuple[str, 
         upstream.released = True
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize(("mode", "status"), [
+    ("short", 502),     # Content-Length larger than the body, then the connection closes
+    ("huge", 502),      # 32 MB of valid JSON
+    ("trickle", 504),   # a byte every 50 ms, forever: each read is within the timeout
+])
+def test_huge_endless_and_truncated_bodies_are_answered_within_the_timeout(
+    loop: str, mode: str, status: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream body the demo cannot use must cost it no more than its timeout: the
+    timeout bounds the whole call, not each read, and a body too large to be an answer is
+    refused instead of buffered, parsed and sent on."""
+    with capture_leaks(monkeypatch):
+        with fault_upstream(mode, loop, huge_bytes=32 * 1024 * 1024) as (url, upstream), \
+                demo_in_front_of(url, loop) as demo:
+            try:
+                response, took = _get(demo.url + "/resilient/1")
+            except httpx.TimeoutException:
+                pytest.fail(f"{mode}: the demo did not answer within {TIMEOUT + SLACK + 1.5} s "
+                            f"(its upstream timeout is {TIMEOUT} s)")
+            finally:
+                upstream.released = True  # let a stuck demo request finish before shutdown
+            assert (response.status_code, took <= TIMEOUT + SLACK) == (status, True), (
+                mode, response.status_code, len(response.content), took)
+            _wait_for(demo.pool_is_idle, "the pool's connections returned to idle")
+
+
 def _wait_for(condition: Any, what: str, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -203,6 +232,59 @@ def loopwatch_errors(registry: CollectorRegistry) -> float:
 
 
 # -- the watchdog thread dies --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_dead_watchdog_is_reported_once_and_never_hangs_the_app(
+    loop: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    crashes: list[Any] = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    registry = CollectorRegistry()
+    app = hardening_app.build_corpus(registry, log_blocks=False)
+    caplog.set_level(logging.WARNING, logger="loopwatch")
+    with serve_in_thread(app, loop=loop) as server:
+        assert httpx.get(server.url + "/json").status_code == 200
+        monitor = loopwatch.get_monitor(server.loop)
+        assert monitor is not None
+        _wait_for(lambda: monitor.watchdog_thread is not None, "the watchdog started")
+        watchdog = monitor._watchdog
+        assert watchdog is not None and watchdog.is_alive()
+
+        def crash(timeout: float | None = None) -> bool:
+            raise RuntimeError("injected: the watchdog thread dies")
+
+        watchdog._stop.wait = crash  # type: ignore[method-assign]
+        _wait_for(lambda: not watchdog.is_alive(), "the watchdog died")
+        died = time.monotonic()
+        _wait_for(lambda: loopwatch_errors(registry) >= 1, "the death was counted", 3.0)
+        noticed = time.monotonic() - died
+        assert noticed <= 2.5  # the next once-a-second tick (plus a busy machine)
+        errors = [r for r in caplog.records if r.name == "loopwatch"
+                  and r.levelno >= logging.ERROR and "watchdog" in r.getMessage()]
+        assert errors, [r.getMessage() for r in caplog.records]
+        # The app is unaffected: it answers, blocks are still timed, metrics still served.
+        start = time.perf_counter()
+        assert httpx.get(server.url + "/block?ms=250", timeout=10).status_code == 200
+        assert time.perf_counter() - start < 2
+        events = httpx.get(server.url + "/loopwatch/events/", timeout=10).json()["events"]
+        assert events and 0.25 <= events[-1]["duration"] < 0.5
+        # ... and the event says why it has no stack; it does not blame the GIL.
+        assert "GIL" not in events[-1]["stack_status"], events[-1]
+        assert events[-1]["hint"] is None, events[-1]
+        assert httpx.get(server.url + "/metrics/", timeout=10).status_code == 200
+        time.sleep(1.2)  # more ticks: still counted once
+        assert loopwatch_errors(registry) == 1
+        # No "NoneType: None" pseudo-traceback in the log.
+        assert not any(r.exc_text and "NoneType: None" in r.exc_text for r in caplog.records
+                       if r.name == "loopwatch"), [r.exc_text for r in caplog.records]
+        stop_started = time.monotonic()
+    assert time.monotonic() - stop_started < 3  # the server (and monitor) stopped promptly
+    assert not server.thread.is_alive()
+    assert len(crashes) == 1 and "injected" in str(crashes[0].exc_value)
+
+
+# -- scraping /metrics while the app is stuck ---------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +372,32 @@ def test_a_scrape_answers_while_sync_routes_hold_the_whole_thread_pool(corpus_ur
     assert gauges.get("loopwatch_threadpool_threads_busy") == 40, gauges
     assert gauges.get("loopwatch_threadpool_threads_limit") == 40, gauges
     assert gauges.get("loopwatch_threadpool_tasks_waiting") == 5, gauges
+
+
+def test_a_scrape_answers_while_the_default_executor_is_saturated(corpus_url: str) -> None:
+    """The app hands blocking work to the loop's default executor (``run_in_executor(None,
+    ...)``, 6 threads on a 2-core machine) and saturates it: the scrape must not queue
+    behind the app's work -- metrics are most needed when the app is saturated."""
+    url = corpus_url
+
+    async def main() -> float:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(
+                max_connections=100)) as client:
+            # Twice as many jobs as the default executor has threads (the server runs on
+            # this machine: min(32, cpus + 4)).
+            jobs = 2 * min(32, (os.cpu_count() or 1) + 4)
+            held = [asyncio.ensure_future(client.get(url + "/executor?ms=3000"))
+                    for _ in range(jobs)]
+            await asyncio.sleep(0.4)
+            start = time.monotonic()
+            response = await client.get(url + "/metrics/")
+            took = time.monotonic() - start
+            assert response.status_code == 200
+            await asyncio.gather(*held)
+            return took
+
+    took = asyncio.run(main())
+    assert took < 1.0, f"the scrape waited {took:.2f} s for the app's executor work"
 
 
 def _gauges(text: str) -> dict[str, float]:
