@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 import types
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,21 +95,14 @@ def child(n: int) -> None:
     middleware = LoopWatchMiddleware(app, registry=CollectorRegistry(), log_blocks=False)
     passthrough = PassThrough(app)
 
-    pending = middleware.metrics.pending
-
     async def requests(asgi: Any, k: int) -> None:
-        # The batched observations are dropped every 50 requests, as the monitor's probe
-        # folds them under a server (the fold is counted apart, below): a batch growing
-        # without end would only measure the garbage collector walking it.
-        for i in range(k):
+        for _ in range(k):
             await asgi(dict(template), receive, send)
-            if i % 50 == 0:
-                pending.clear()
 
     # The middleware starts its monitor on the first request. It is stopped at once: its
     # probe, flush and watchdog run on timers and would land in some segments and not in
-    # others. The middleware keeps it (note_finished() still runs); the step hooks are
-    # measured below on a monitor object of their own.
+    # others. The middleware keeps it (its note of the running step still runs); the step
+    # hooks are measured below on a monitor object of their own.
     loop.run_until_complete(requests(middleware, 1))
     assert middleware.monitor is not None
     middleware.monitor.stop()
@@ -126,7 +118,10 @@ def child(n: int) -> None:
         for _ in range(k):
             await middleware(dict(template), receive, send)
 
-    segment("flush, per request folded", lambda k: middleware.metrics.flush(),
+    # A flush folds what each (method, route) gained since the last one: its cost depends on
+    # how many routes had requests, not on how many requests. Per request here: k requests
+    # to one route, then one flush.
+    segment("flush, after k requests to one route", lambda k: middleware.metrics.flush(),
             prepare=lambda k: loop.run_until_complete(unflushed(k)))
 
     # -- step hooks, called directly, on a monitor that is active but runs no timers --
@@ -170,31 +165,57 @@ def child(n: int) -> None:
     # -- the request path, piece by piece --
     scope = dict(template, route=route)
 
+    def new_owner(send_: Any = send) -> Any:  # as the middleware makes one
+        o = object.__new__(_RequestOwner)
+        o.busy = 0.0
+        o.scope = scope
+        o.root_path = ""
+        o.send = send_
+        o.status = 0
+        o.ended = 0.0
+        return o
+
     def loop_only(k: int) -> None:
         for _ in range(k):
             pass
 
     def owner(k: int) -> None:
         for _ in range(k):
-            _RequestOwner(scope, "")
+            new_owner()
 
     def ctxvar(k: int) -> None:
-        o = _RequestOwner(scope, "")
+        o = new_owner()
         set_, reset = current_owner.set, current_owner.reset
         for _ in range(k):
             reset(set_(o))
 
     def in_flight(k: int) -> None:
         s: set[Any] = set()
-        o = _RequestOwner(scope, "")
+        o = new_owner()
         for _ in range(k):
             s.add(o)
             s.discard(o)
 
-    def labels(k: int) -> None:
+    def labels(k: int) -> None:  # what the middleware's cache saves after the first request
         for _ in range(k):
             method_label(scope["method"])
             route_label(scope, "")
+
+    fast = middleware._fast
+
+    def series_lookup(k: int) -> None:  # the middleware's cached lookup
+        for _ in range(k):
+            r = scope.get("route")
+            if scope.get("root_path", "") == "":
+                entry = fast.get((scope["method"], id(r)))
+                assert entry is not None and entry[0] is r
+
+    series = middleware.metrics.new_series("GET", "/bench")
+
+    def series_add(k: int) -> None:
+        add = series.add
+        for _ in range(k):
+            add(200, 0.00012, 0.00005)
 
     def clocks(k: int) -> None:
         c = time.perf_counter
@@ -203,70 +224,38 @@ def child(n: int) -> None:
             c()
             c()
 
-    def note(k: int) -> None:
-        o = _RequestOwner(scope, "")
-        monitor.step_start = time.perf_counter()  # as inside a timed step
-        for _ in range(k):
-            monitor.note_finished(o)
-        monitor.step_start = 0.0
-
-    def append(k: int) -> None:
-        d: deque[Any] = deque()
-        for _ in range(k):
-            d.append(("GET", "/items/{item_id}", 200, 0.001, 0.0002))
-
     async def plain_sends(k: int) -> None:
         for _ in range(k):
             await send(start)
             await send(body)
 
-    async def wrapped_sends(k: int) -> None:  # model of the middleware's send_wrapper
+    async def wrapped_sends(k: int) -> None:  # the middleware's send_wrapper, per request
         for _ in range(k):
-            status = 0
-            ended = 0.0
+            wrapper = new_owner().send_wrapper
+            await wrapper(start)
+            await wrapper(body)
 
-            async def send_wrapper(message: Any) -> None:
-                nonlocal status, ended
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                elif not message.get("more_body", False):
-                    ended = time.perf_counter()
-                await send(message)
-
-            await send_wrapper(start)
-            await send_wrapper(body)
-
-    async def forwarding_sends(k: int) -> None:  # the same as a plain function, no coroutine
+    async def owner_and_plain_sends(k: int) -> None:  # the owner alone, to subtract
         for _ in range(k):
-            status = 0
-            ended = 0.0
-
-            def send_wrapper(message: Any) -> Any:
-                nonlocal status, ended
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                elif not message.get("more_body", False):
-                    ended = time.perf_counter()
-                return send(message)
-
-            await send_wrapper(start)
-            await send_wrapper(body)
+            new_owner()
+            await send(start)
+            await send(body)
 
     for name, fn in (
         ("(empty loop)", loop_only),
-        ("_RequestOwner(...)", owner),
+        ("request owner (object.__new__ + 6 stores)", owner),
         ("ContextVar set + reset", ctxvar),
         ("in-flight set add + discard", in_flight),
-        ("method_label + route_label", labels),
+        ("method_label + route_label (uncached)", labels),
+        ("series cache lookup", series_lookup),
+        ("RequestSeries.add", series_add),
         ("3 x perf_counter()", clocks),
-        ("Monitor.note_finished", note),
-        ("tuple + deque.append", append),
     ):
         segment(name, fn)
     for name, afn in (
         ("2 sends, unwrapped", plain_sends),
-        ("2 sends through an async send_wrapper (model)", wrapped_sends),
-        ("2 sends through a plain-def send_wrapper (model)", forwarding_sends),
+        ("owner + 2 sends, unwrapped", owner_and_plain_sends),
+        ("owner + 2 sends through owner.send_wrapper", wrapped_sends),
     ):
         segment(name, lambda k, f=afn: loop.run_until_complete(f(k)))
     loop.close()
@@ -308,9 +297,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows[names[i]] = (counts[i + 1] - counts[i]) / args.n
     empty = rows.pop("(empty loop)")
     for name in list(rows):
-        if name in ("_RequestOwner(...)", "ContextVar set + reset", "in-flight set add + discard",
-                    "method_label + route_label", "3 x perf_counter()", "Monitor.note_finished",
-                    "tuple + deque.append"):
+        if name in ("request owner (object.__new__ + 6 stores)", "ContextVar set + reset",
+                    "in-flight set add + discard", "method_label + route_label (uncached)",
+                    "series cache lookup", "RequestSeries.add", "3 x perf_counter()"):
             rows[name] -= empty
     log("instructions per call (callgrind):")
     for name, v in rows.items():

@@ -17,6 +17,7 @@ import asyncio
 import collections.abc
 import threading
 import time
+import types
 from typing import TYPE_CHECKING, Any
 
 from ._attribution import current_owner
@@ -30,21 +31,24 @@ _clock = time.perf_counter
 _Handle = asyncio.events.Handle
 _original_run = _Handle._run
 
-# loop -> monitor, for every loop whose steps are timed through Handle._run.
+# loop -> monitor, for every loop whose steps are timed through Handle._run. The hook finds
+# a loop's monitor in the loop's own attribute (an attribute load is cheaper than a lookup).
 _handle_monitors: dict[asyncio.AbstractEventLoop, Monitor] = {}
-_monitor_for = _handle_monitors.get
+_ATTR = "_loopwatch_monitor"
 _owner_var = current_owner
 
 
 def _timed_run(
     self: asyncio.Handle,
-    _get: Any = _monitor_for,
     _run: Any = _original_run,
     _clock: Any = _clock,
     _var: Any = _owner_var,
 ) -> None:
     # Defaults bind globals as fast locals: this runs for every callback of the loop.
-    mon = _get(self._loop)  # type: ignore[attr-defined]
+    try:
+        mon = self._loop._loopwatch_monitor  # type: ignore[attr-defined]
+    except AttributeError:  # a Handle of some loop that is not a BaseEventLoop
+        mon = None
     if mon is None:
         _run(self)
         return
@@ -69,6 +73,9 @@ _hook_lock = threading.Lock()
 
 def install_handle_hook(loop: asyncio.AbstractEventLoop, monitor: Monitor) -> None:
     with _hook_lock:
+        if not hasattr(asyncio.BaseEventLoop, _ATTR):
+            setattr(asyncio.BaseEventLoop, _ATTR, None)  # every other loop: not watched
+        setattr(loop, _ATTR, monitor)
         _handle_monitors[loop] = monitor
         if _Handle._run is not _timed_run:
             _Handle._run = _timed_run  # type: ignore[method-assign]
@@ -76,7 +83,8 @@ def install_handle_hook(loop: asyncio.AbstractEventLoop, monitor: Monitor) -> No
 
 def uninstall_handle_hook(loop: asyncio.AbstractEventLoop) -> None:
     with _hook_lock:
-        _handle_monitors.pop(loop, None)
+        if _handle_monitors.pop(loop, None) is not None and _ATTR in vars(loop):
+            delattr(loop, _ATTR)
         if not _handle_monitors and _Handle._run is _timed_run:
             _Handle._run = _original_run  # type: ignore[method-assign]
 
@@ -108,13 +116,12 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
         finally:
             dt = _clock() - t0
             mon.step_start = 0.0
-            if mon.active:
-                mon.busy += dt
-                owner = _var.get()
-                if owner is not None:
-                    owner.busy += dt
-                if dt >= mon.threshold:
-                    mon.on_block(t0, dt, owner, asyncio.current_task())
+            mon.busy += dt  # (a stopped monitor's busy time is no longer read)
+            owner = _var.get()
+            if owner is not None:
+                owner.busy += dt
+            if dt >= mon.threshold:
+                mon.on_block(t0, dt, owner, asyncio.current_task())
 
     def throw(self, *args: Any) -> Any:
         mon = self._monitor
@@ -125,13 +132,16 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
         finally:
             dt = _clock() - t0
             mon.step_start = 0.0
-            if mon.active:
-                mon.busy += dt
-                owner = _owner_var.get()
-                if owner is not None:
-                    owner.busy += dt
-                if dt >= mon.threshold:
-                    mon.on_block(t0, dt, owner, asyncio.current_task())
+            mon.busy += dt
+            owner = _owner_var.get()
+            if owner is not None:
+                owner.busy += dt
+            if dt >= mon.threshold:
+                mon.on_block(t0, dt, owner, asyncio.current_task())
+
+    def wrapped(self) -> Any:
+        """The task's own coroutine."""
+        return self._coro
 
     def close(self) -> None:
         self._coro.close()
@@ -148,24 +158,52 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
 
 
 class Task(asyncio.Task):  # type: ignore[type-arg]
-    """The tasks the factory makes (named Task, so that ``repr()`` reads as before):
-    ``get_coro()`` returns the task's own coroutine, not the timing wrapper."""
+    """A Task whose ``get_coro()`` returns the task's own coroutine, not the timing wrapper
+    (used only where a Task takes no ``get_coro`` instance attribute: see the factory)."""
 
     def get_coro(self) -> Any:
         coro = super().get_coro()
         return coro._coro if type(coro) is TimedCoroutine else coro
 
 
+_CoroutineType = types.CoroutineType
+_AsyncioTask = asyncio.Task
+_new = object.__new__
+
+
+#: Whether a Task takes ``get_coro`` as an instance attribute (see the factory).
+_shadowing = [True]
+
+
 def make_task_factory(monitor: Monitor, previous: Any) -> Any:
     """A task factory that times each task's steps, then defers to ``previous`` (if any)."""
+    shadowing = _shadowing
 
     def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
         # Only real coroutines: anything else must reach Task() and fail there, as without us.
-        if monitor.active and asyncio.iscoroutine(coro) and not isinstance(coro, TimedCoroutine):
-            coro = TimedCoroutine(coro, monitor)
+        # (TimedCoroutine(coro, monitor) without a Python __init__: this runs for every task.)
+        if monitor.active and (type(coro) is _CoroutineType or (
+                asyncio.iscoroutine(coro) and not isinstance(coro, TimedCoroutine))):
+            timed = _new(TimedCoroutine)
+            timed._coro = coro
+            timed._monitor = monitor
+            if previous is None and shadowing[0]:
+                # A plain Task, get_coro() shadowed on the instance to return the task's own
+                # coroutine: a subclass of the C Task leaves its fast paths (~4,000
+                # instructions more per task). Should a Task take no instance attribute,
+                # the subclass it is from then on (this one task shows the wrapper).
+                task = _AsyncioTask(timed, loop=loop, **kwargs)
+                try:
+                    task.get_coro = timed.wrapped  # type: ignore[method-assign]
+                except AttributeError:
+                    shadowing[0] = False
+                return task
+            coro = timed
         if previous is not None:
             return previous(loop, coro, **kwargs)  # type: ignore[no-any-return]
-        return Task(coro, loop=loop, **kwargs)
+        if type(coro) is TimedCoroutine:
+            return Task(coro, loop=loop, **kwargs)
+        return _AsyncioTask(coro, loop=loop, **kwargs)
 
     factory.loopwatch_previous = previous  # type: ignore[attr-defined]
     return factory

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from ._attribution import Owner, current_owner
 from ._config import Config
-from ._metrics import LoopWatchMetrics, metrics_for
+from ._metrics import LoopWatchMetrics, RequestSeries, metrics_for
 from ._monitor import Monitor, get_monitor
 from ._routes import method_label, route_label
 
@@ -39,19 +39,33 @@ _shared: dict[Monitor, tuple[bool, list[Any]]] = {}
 
 
 class _RequestOwner(Owner):
-    """The loop time of one request; its route is read from the scope once routed."""
+    """The loop time of one request; its route is read from the scope once routed.
 
-    __slots__ = ("root_path", "scope")
+    It also wraps the request's ``send`` (as a plain method returning the server's awaitable:
+    no coroutine of our own per message) to see the status and the end of the body.
+    """
 
-    def __init__(self, scope: Scope, root_path: str) -> None:
-        # Owner.__init__ inlined, method resolved lazily: this runs for every request.
-        self.busy = 0.0
-        self.finished = False
-        self.scope = scope
-        self.root_path = root_path
+    __slots__ = ("ended", "root_path", "scope", "send", "status")
+    scope: Scope
+    root_path: str
+    send: Send
+    status: int
+    ended: float
 
     def labels(self) -> tuple[str | None, str | None]:
         return method_label(self.scope["method"]), route_label(self.scope, self.root_path)
+
+    def send_wrapper(self, message: Message) -> Awaitable[None]:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif not message.get("more_body", False):
+            self.ended = _clock()
+        return self.send(message)
+
+
+_new_owner = object.__new__
+#: Entries of a middleware's (raw method, id(route)) -> (route, series) cache, at most.
+_FAST_LIMIT = 10_000
 
 
 class LoopWatchMiddleware:
@@ -108,6 +122,9 @@ class LoopWatchMiddleware:
         self._excluded_prefixes = tuple(p.rstrip("/") + "/" for p in self.exclude_paths)
         self.metrics: LoopWatchMetrics = metrics_for(registry)
         self.monitor: Monitor | None = None
+        #: Request totals by label, and a cache by (raw method, id(route)) in front of it.
+        self._by_label: dict[tuple[str, str], RequestSeries] = {}
+        self._fast: dict[tuple[str, int], tuple[Any, RequestSeries]] = {}
         self._in_flight: set[_RequestOwner] = set()
         self._limiter: Any = None
         self._errors_logged = False
@@ -143,42 +160,66 @@ class LoopWatchMiddleware:
             return
 
         root_path = scope.get("root_path", "")
-        owner = _RequestOwner(scope, root_path)
+        # _RequestOwner(...) without a Python __init__: this runs for every request.
+        owner = _new_owner(_RequestOwner)
+        owner.busy = 0.0
+        owner.scope = scope
+        owner.root_path = root_path
+        owner.send = send
+        owner.status = 0
+        owner.ended = 0.0
         token = _set_owner(owner)
         in_flight = self._in_flight
         in_flight.add(owner)
-        status = 0
-        ended = 0.0
         start = _clock()
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status, ended
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif not message.get("more_body", False):
-                ended = _clock()
-            await send(message)
-
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, owner.send_wrapper)
         except BaseException:
-            if not status:
-                status = 500
+            if not owner.status:
+                owner.status = 500
             raise
         finally:
             in_flight.discard(owner)
             try:
+                now = _clock()
+                blocking = owner.busy
                 monitor = self.monitor
-                # Charge the step still running too: a handler that blocks and returns
-                # without another await would otherwise be charged nothing.
-                blocking = monitor.note_finished(owner) if monitor is not None else owner.busy
-                self.metrics.pending.append((
-                    method_label(scope["method"]), route_label(scope, root_path),
-                    status or 500, (ended or _clock()) - start, blocking,
-                ))
+                if monitor is not None:
+                    step = monitor.step_start
+                    if step:
+                        # Monitor.note_finished, inlined: charge the step still running too
+                        # (a handler that blocks and returns without another await would
+                        # otherwise be charged nothing), and let its block event name us.
+                        owner.finished = True
+                        monitor._closing = (step, owner)
+                        blocking += now - step
+                route = scope.get("route")
+                entry = None
+                if scope.get("root_path", "") == root_path:
+                    entry = self._fast.get((scope["method"], id(route)))
+                if entry is not None and entry[0] is route:
+                    series = entry[1]
+                else:
+                    series = self._series_for(scope, root_path)
+                series.add(owner.status or 500, (owner.ended or now) - start, blocking)
             except Exception:  # noqa: BLE001 - never break the app we watch
                 self._internal_error("recording a request")
             _reset_owner(token)
+
+    def _series_for(self, scope: Scope, root_path: str) -> RequestSeries:
+        """The running totals for a request's labels (and a cache entry for next time)."""
+        method = method_label(scope["method"])
+        route = route_label(scope, root_path)
+        series = self._by_label.get((method, route))
+        if series is None:
+            series = self._by_label[(method, route)] = self.metrics.new_series(method, route)
+        raw = scope["method"]
+        # Cached only for standard methods: a client inventing methods cannot grow the cache.
+        if (raw == method and scope.get("root_path", "") == root_path
+                and len(self._fast) < _FAST_LIMIT):
+            matched = scope.get("route")
+            self._fast[(raw, id(matched))] = (matched, series)
+        return series
 
     # -- lifespan -------------------------------------------------------------------------
 

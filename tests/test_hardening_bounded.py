@@ -201,7 +201,7 @@ def test_100k_random_requests_add_no_series_and_leave_every_map_bounded(loop_kin
             measured["objects_100k"] = _objects()
             measured["lag_count"] = monitor.lag_count
             measured["in_flight"] = len(app._in_flight)
-            measured["pending"] = len(metrics.pending)
+            measured["pending"] = metrics.pending
             measured["internal_errors"] = monitor.internal_errors
 
     with asyncio.Runner(loop_factory=lambda: new_loop(loop_kind)) as runner:
@@ -236,6 +236,10 @@ def test_100k_random_requests_add_no_series_and_leave_every_map_bounded(loop_kin
     assert metrics._in_progress_keys <= counted
     assert not metrics._block_children
     assert measured["in_flight"] == 0  # the middleware's in-flight set is empty again
+    # The middleware's request totals: one per label pair; its cache, one per route object
+    # and standard method (invented methods are never cached).
+    assert len(app._by_label) == len(counted)
+    assert len(app._fast) <= len(counted)
     assert measured["pending"] < 5_000  # flushed by the probe while requests ran
     assert measured["internal_errors"] == 0
     assert measured["lag_count"] > 10  # the monitor really ran alongside

@@ -138,8 +138,17 @@ def test_create_task_refuses_what_is_not_a_coroutine_as_before(loop_kind: str) -
     assert with_monitor == without
 
 
+@pytest.mark.parametrize("shadowing", [True, False], ids=["instance-attribute", "subclass"])
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
-def test_task_get_coro_returns_the_coroutine_as_before(loop_kind: str) -> None:
+def test_task_get_coro_returns_the_coroutine_as_before(
+    loop_kind: str, shadowing: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On uvloop the factory's tasks shadow ``get_coro`` on the instance; where a Python's
+    Task would not take that, a Task subclass does it (forced here)."""
+    from loopwatch import _hooks
+
+    monkeypatch.setattr(_hooks, "_shadowing", [shadowing])
+
     async def probe() -> Any:
         async def work() -> int:
             await asyncio.sleep(0)

@@ -33,14 +33,30 @@ def server(registry: CollectorRegistry, loop_kind: str) -> Iterator[RunningServe
         yield running
 
 
+def _settled(registry: CollectorRegistry) -> None:
+    """Fold in the requests the server finished, once it has recorded them all: the client
+    has its response a moment before the server's middleware records the request."""
+    metrics = metrics_for(registry)
+    last = -1.0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        metrics.flush()
+        total = sum(s.value for family in registry.collect() for s in family.samples
+                    if s.name == "loopwatch_requests_total")
+        if total == last:
+            return
+        last = total
+        time.sleep(0.03)
+
+
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    metrics_for(registry).flush()  # fold in requests finished since the server's last probe
+    _settled(registry)
     v = registry.get_sample_value(name, labels)
     return 0.0 if v is None else v
 
 
 def label_values(registry: CollectorRegistry, metric: str, label: str) -> set[str]:
-    metrics_for(registry).flush()
+    _settled(registry)
     out = set()
     for family in registry.collect():
         for s in family.samples:
@@ -389,14 +405,9 @@ def test_without_lifespan_the_monitor_starts_on_the_first_request(loop_kind: str
     assert value(registry, "loopwatch_requests_total", method="GET", route="/a", status="200") == 1
 
 
-class _Exploding:
-    """Stands in for the pending-observations queue and fails on every append."""
-
-    def append(self, item: object) -> None:
-        raise RuntimeError("metrics backend exploded")
-
-    def __bool__(self) -> bool:
-        return False
+def _exploding(method: str, route: str) -> object:
+    """Stands in for LoopWatchMetrics.new_series and fails every time."""
+    raise RuntimeError("metrics backend exploded")
 
 
 def test_a_failure_inside_loopwatch_never_reaches_the_app(
@@ -406,7 +417,7 @@ def test_a_failure_inside_loopwatch_never_reaches_the_app(
     on = sample.build(registry)
     off = sample.build(None, instrument=False)
     metrics = metrics_for(registry)
-    metrics.pending = _Exploding()  # type: ignore[assignment]
+    metrics.new_series = _exploding  # type: ignore[method-assign]
     with caplog.at_level("ERROR", logger="loopwatch"), \
             serve_in_thread(on, loop=loop_kind) as a, serve_in_thread(off, loop=loop_kind) as b:
         for path in ("/items/7", "/stream", "/redirect", "/boom"):
