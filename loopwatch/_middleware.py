@@ -181,7 +181,8 @@ class LoopWatchMiddleware:
         finally:
             in_flight.discard(owner)
             try:
-                now = _clock()
+                # The end of the response body, or now: one clock read, not two, per request.
+                now = owner.ended or _clock()
                 blocking = owner.busy
                 monitor = self.monitor
                 if monitor is not None:
@@ -190,9 +191,11 @@ class LoopWatchMiddleware:
                         # Monitor.note_finished, inlined: charge the step still running too
                         # (a handler that blocks and returns without another await would
                         # otherwise be charged nothing), and let its block event name us.
+                        # (Until the body ended, if it ended in this step: microseconds
+                        # before now.)
                         owner.finished = True
                         monitor._closing = (step, owner)
-                        blocking += now - step
+                        blocking += (now if now > step else _clock()) - step
                 route = scope.get("route")
                 entry = None
                 if scope.get("root_path", "") == root_path:
@@ -201,7 +204,7 @@ class LoopWatchMiddleware:
                     series = entry[1]
                 else:
                     series = self._series_for(scope, root_path)
-                series.add(owner.status or 500, (owner.ended or now) - start, blocking)
+                series.add(owner.status or 500, now - start, blocking)
             except Exception:  # noqa: BLE001 - never break the app we watch
                 self._internal_error("recording a request")
             _reset_owner(token)
