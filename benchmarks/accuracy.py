@@ -317,6 +317,13 @@ def served(loop: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _num(x: float | None, spec: str) -> str:
+    """A number, or n/a (no event: e.g. a near-threshold CPU block the OS preempted for
+    so long that its code held the loop for less than the threshold)."""
+    width = int(spec.lstrip("+").split(".")[0])
+    return format(x, spec) if x is not None else "n/a".rjust(width)
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
@@ -346,10 +353,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{'err/inj':>8} {'max|err|':>8} {'err/elapsed':>11} {'ok':>5} {'line':>5}")
     for s in summary_rows:
         log(f"  {s['loop']:8} {s['kind']:5} {s['injected_ms']:7} {s['n']:3} "
-            f"{s['reported_ms_median']:9.2f} {s['elapsed_ms_median']:9.2f} "
-            f"{s['error_vs_injected_ms_median']:+8.2f} {s['error_vs_injected_ms_max_abs']:8.2f} "
-            f"{s['error_vs_elapsed_ms_median']:+11.3f} {s['within_tolerance']:>3}/{s['n']} "
-            f"{s['exact_line']:>3}/{s['n']}")
+            f"{_num(s['reported_ms_median'], '9.2f')} {s['elapsed_ms_median']:9.2f} "
+            f"{_num(s['error_vs_injected_ms_median'], '+8.2f')} "
+            f"{_num(s['error_vs_injected_ms_max_abs'], '8.2f')} "
+            f"{_num(s['error_vs_elapsed_ms_median'], '+11.3f')} "
+            f"{s['within_tolerance']:>3}/{s['n']} {s['exact_line']:>3}/{s['n']}"
+            + (f"  (detected {s['detected']}/{s['n']})" if s['detected'] < s['n'] else ""))
 
     log(f"\n2./3. served by uvicorn, threshold {args.threshold * 1e3:g} ms")
     for loop in args.loops.split(","):

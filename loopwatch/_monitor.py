@@ -26,6 +26,7 @@ from ._hooks import (
     make_task_factory,
     uninstall_handle_hook,
 )
+from ._sched import Mark, SchedReader, held_at_most, open_reader
 from ._watchdog import DEAD, DISABLED, GIL_HELD, NOT_SAMPLED, Sample, Watchdog
 
 __all__ = ["Monitor", "Sink", "get_monitor"]
@@ -38,6 +39,7 @@ _TICK_SECONDS = 1.0
 _EMPTY = contextvars.Context()
 _thread_cpu = getattr(time, "thread_time", lambda: None)
 _IDLE_BUSY = 0.0002  # seconds of loop work between two probes below which the loop is idle
+_MARKS = 4  # runqueue-wait marks of the loop thread kept (see _sched)
 
 
 class Sink(Protocol):
@@ -63,7 +65,9 @@ class Monitor:
 
     Readable at any time: ``lag_count``/``lag_sum``/``lag_max`` (seconds), ``busy`` (seconds
     the loop ran callbacks or task steps), ``block_count`` and ``blocks`` (the most recent
-    :class:`~loopwatch.BlockEvent` objects, up to ``ring_size``).
+    :class:`~loopwatch.BlockEvent` objects, up to ``ring_size``), ``preempted_count`` (steps
+    longer than the threshold that are no block: the OS kept the loop thread off the CPU for
+    so much of them that its code held the loop for less than the threshold; Linux only).
     """
 
     # Attributes written on every step are plain slots: the hot path is a few stores.
@@ -80,6 +84,8 @@ class Monitor:
         "_probe_due",
         "_probe_handle",
         "_probe_sinks",
+        "_marks",
+        "_sched",
         "_sinks",
         "_thread_id",
         "_tick_sinks",
@@ -96,6 +102,8 @@ class Monitor:
         "lag_sum",
         "loop",
         "mode",
+        "native_thread_id",
+        "preempted_count",
         "probe_deadline",
         "sample",
         "step_start",
@@ -125,6 +133,7 @@ class Monitor:
         self.lag_sum = 0.0
         self.lag_max = 0.0
         self.block_count = 0
+        self.preempted_count = 0
         self.internal_errors = 0
         self.blocks: collections.deque[BlockEvent] = collections.deque(
             maxlen=self.config.ring_size
@@ -141,6 +150,10 @@ class Monitor:
         self._busy_reported = 0.0
         self._watchdog: Watchdog | None = None
         self._thread_id: int | None = None
+        self.native_thread_id: int | None = None
+        # The loop thread's runqueue wait (Linux), read on the loop thread only.
+        self._sched: SchedReader | None = None
+        self._marks: collections.deque[Mark] = collections.deque(maxlen=_MARKS)
         self._next_tick = 0.0
         self._previous_factory: Any = None
         self._factory: Any = None
@@ -207,6 +220,7 @@ class Monitor:
             self._watchdog.stop()
             self._watchdog = None
         self.step_start = 0.0
+        self._close_sched()
 
     def loop_closed(self) -> None:
         """Called by the watchdog thread when the loop was closed while this monitor still
@@ -219,6 +233,12 @@ class Monitor:
             del _monitors[loop]
         if self.mode == "handle":
             uninstall_handle_hook(loop)
+        self._close_sched()  # the loop thread no longer runs the loop: no concurrent read
+
+    def _close_sched(self) -> None:
+        sched, self._sched = self._sched, None
+        if sched is not None:
+            sched.close()
 
     def add_sink(self, sink: Any) -> None:
         """Subscribe ``sink``: any object with some of ``on_probe(lag, busy_delta)``,
@@ -249,6 +269,9 @@ class Monitor:
 
     def _first_probe(self) -> None:
         self._thread_id = threading.get_ident()
+        self.native_thread_id = threading.get_native_id()
+        self._sched = open_reader(self.native_thread_id)
+        self._mark()
         if self.config.sample_stacks:
             self._watchdog = Watchdog(self, self._thread_id)
             self._watchdog.start()
@@ -267,9 +290,28 @@ class Monitor:
         # The same deadline on the watchdog's clock.
         self.probe_deadline = _clock() + interval
 
+    def _mark(self) -> float | None:
+        """Note the loop thread's runqueue wait now (on the loop thread)."""
+        sched = self._sched
+        if sched is None:
+            return None
+        clock = _clock()
+        try:
+            # Another thread (a forked child's) would read the wrong thread's counter.
+            same = threading.get_native_id() == self.native_thread_id
+            wait = sched.wait() if same else None
+        except Exception:  # noqa: BLE001 - never break the probe: read no more
+            wait = None
+        if wait is None:
+            self._close_sched()
+            return None
+        self._marks.append((clock, wait))
+        return wait
+
     def _probe(self) -> None:
         loop = self.loop
         assert loop is not None
+        self._mark()
         lag = loop.time() - self._probe_due
         lag = max(lag, 0.0)
         self.lag_count += 1
@@ -339,10 +381,14 @@ class Monitor:
 
     def _untimed_block(self, lag: float) -> None:
         try:
+            t0 = _clock() - lag
+            # Untimed code ran from when the probe was due: the same test as for a step.
+            if self._preempted(t0, lag):
+                return
             sample = self.untimed_sample
             if sample is not None and sample.step_start != -self.probe_deadline:
                 sample = None
-            self._emit(_clock() - lag, lag, None, None, sample, timed=False)
+            self._emit(t0, lag, None, None, sample, timed=False)
         except Exception:  # noqa: BLE001
             self.internal_error("untimed block")
 
@@ -351,10 +397,37 @@ class Monitor:
     ) -> None:
         if owner is None and self._closing[0] == t0:
             owner = self._closing[1]
+        if self._preempted(t0, duration):
+            return
         sample = self.sample
         if sample is not None and sample.step_start != t0:
             sample = None
         self._emit(t0, duration, owner, callback, sample, timed=True)
+
+    def _preempted(self, t0: float, duration: float) -> bool:
+        """Whether the loop thread provably spent so much of this stretch waiting for a CPU
+        (runnable, but the OS ran something else) that the code held the loop for less than
+        the threshold: then it is no block. False whenever it cannot tell."""
+        if self._sched is None:
+            return False
+        try:
+            marks = tuple(self._marks)
+            wait_end = self._mark()
+            if wait_end is None or not marks:
+                return False
+            held = held_at_most(marks, t0, _clock(), wait_end)
+        except Exception:  # noqa: BLE001 - report the block as without schedstat
+            self._close_sched()
+            return False
+        if held >= self.threshold:
+            return False
+        self.preempted_count += 1
+        logger.debug(
+            "loopwatch: a %.1f ms stretch of the loop is no block: the loop thread waited "
+            "for a CPU for all but at most %.1f ms of it",
+            duration * 1e3, held * 1e3,
+        )
+        return True
 
     def _emit(
         self, t0: float, duration: float, owner: Owner | None, callback: Any,
