@@ -439,11 +439,14 @@ def accuracy_section(run: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
         prec.append(m["precision"])
         rec.append(m["recall"])
         s = res["saturation"]
+        gcs = s.get("gc_events", [])
         satrows.append((loop, f"{s['seconds']:g} s, {s['connections']} connections",
                         f"{s['requests']:,}", f"{s['rps']:,.0f}", f"{s['latency_p99'] * 1e3:.1f}",
                         s["false_events"], s["false_events_over_100ms"],
                         "; ".join(f"{e['route']} {e['duration'] * 1e3:.0f} ms" for e in s["events"])
-                        or "-"))
+                        or "-",
+                        "; ".join(f"{e['duration'] * 1e3:.0f} ms ({e['gc_seconds'] * 1e3:.0f} in "
+                                  f"the collector)" for e in gcs) or "-"))
         fals.append(s["false_events"])
         facts[f"acc/{loop}/exact_served"] = m["exact_line_rate"]
     facts["acc/precision"] = min(p for p in prec if p is not None) if prec else None
@@ -485,9 +488,12 @@ def accuracy_section(run: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
            if misses else "")
         + "\n\n**False block events under saturation** (wrk -t2 on the same server, "
         "non-blocking routes only, including a plain `def` route served from the thread "
-        "pool); every event is a false one:\n\n"
-        + table(("loop", "load", "requests", "req/s", "p99 ms", "block events",
-                 "of which ≥ 100 ms", "events"), satrows)
+        "pool); every event that names a route (or none) is a false one. Blocks loopwatch "
+        "reports as the garbage collector's (route `<gc>`: a full collection ran for all "
+        "but less than the threshold of the step) are real stalls of the loop, listed "
+        "apart:\n\n"
+        + table(("loop", "load", "requests", "req/s", "p99 ms", "false block events",
+                 "of which ≥ 100 ms", "false events", "the collector's blocks"), satrows)
         + f"\n\nReproduce: {command_of('accuracy', ac, run)}")
     return text, facts
 

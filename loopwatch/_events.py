@@ -65,6 +65,10 @@ class BlockEvent:
     #: step was not timed (uvloop: code outside tasks created after start) and the duration
     #: is the lag probe's lateness, a lower bound accurate to the probe interval.
     timed: bool = True
+    #: Seconds of the block in which Python's garbage collector ran. When the collector
+    #: took all but less than the threshold, the block is the collector's: ``route`` is
+    #: ``"<gc>"`` and ``method`` None, whatever step it interrupted.
+    gc_seconds: float = 0.0
 
     @property
     def location(self) -> str | None:
@@ -83,7 +87,9 @@ class BlockEvent:
         parts = [f"event loop blocked for {self.duration * 1000:.1f} ms"]
         if self.task:
             parts.append(f"in task {self.task!r}")
-        if self.route:
+        if self.route == "<gc>":
+            parts.append(f"by the garbage collector ({self.gc_seconds * 1000:.1f} ms)")
+        elif self.route:
             parts.append(f"during {self.method} {self.route}")
         frame = self.blocking_frame
         if frame is not None:
@@ -107,6 +113,7 @@ class BlockEvent:
             "hint": self.hint,
             "stack_status": self.stack_status,
             "timed": self.timed,
+            "gc_seconds": self.gc_seconds,
             "frames": [f.as_dict() for f in self.frames],
         }
 

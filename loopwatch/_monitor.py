@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from ._attribution import Owner
 from ._config import Config
+from . import _gc
 from ._events import BlockEvent
 from ._hints import GIL_HINT
 from ._hooks import (
@@ -184,6 +185,7 @@ class Monitor:
             )
         _monitors[loop] = self
         self.active = True
+        _gc.track()
         if _uses_asyncio_handles(loop):
             self.mode = "handle"
             install_handle_hook(loop, self)
@@ -203,6 +205,7 @@ class Monitor:
         if not self.active:
             return
         self.active = False
+        _gc.untrack()
         loop = self.loop
         assert loop is not None
         if _monitors.get(loop) is self:
@@ -229,6 +232,7 @@ class Monitor:
         if loop is None or not loop.is_closed() or not self.active:
             return
         self.active = False
+        _gc.untrack()
         if _monitors.get(loop) is self:
             del _monitors[loop]
         if self.mode == "handle":
@@ -449,6 +453,11 @@ class Monitor:
                 status = NOT_SAMPLED
         task = _task_of(callback) or task
         method, route = owner.labels() if owner is not None else (None, None)
+        gc_seconds = _gc.collector_time(t0, t0 + duration)
+        if gc_seconds and duration - gc_seconds < self.threshold:
+            # The collector's block, not the code of the step it interrupted.
+            method, route, frames, hint = None, _gc.GC_ROUTE, (), _gc.GC_HINT
+            status = _gc.GC_STATUS
         event = BlockEvent(
             time=time.time() - (_clock() - t0),
             duration=duration,
@@ -459,6 +468,7 @@ class Monitor:
             method=method,
             route=route,
             timed=timed,
+            gc_seconds=gc_seconds,
         )
         self.block_count += 1
         self.blocks.append(event)

@@ -70,7 +70,7 @@ def test_secrets_never_reach_metrics_events_or_logs(
     login = next(e for e in events if e["route"] == "/login/{username}")
     assert login["location"].endswith(f"hardening_app.py:{_line_of('time.sleep(0.15)')}")
     assert set(login) == {"time", "duration", "task", "method", "route", "location", "hint",
-                          "stack_status", "timed", "frames"}
+                          "stack_status", "timed", "gc_seconds", "frames"}
     assert all(set(f) == {"file", "line", "function"} for f in login["frames"])
     records = [r for r in caplog.records if r.name == "loopwatch"]
     assert records  # the block was logged
