@@ -181,8 +181,7 @@ class LoopWatchMiddleware:
         finally:
             in_flight.discard(owner)
             try:
-                # The end of the response body, or now: one clock read, not two, per request.
-                now = owner.ended or _clock()
+                now = _clock()
                 blocking = owner.busy
                 monitor = self.monitor
                 if monitor is not None:
@@ -190,12 +189,12 @@ class LoopWatchMiddleware:
                     if step:
                         # Monitor.note_finished, inlined: charge the step still running too
                         # (a handler that blocks and returns without another await would
-                        # otherwise be charged nothing), and let its block event name us.
-                        # (Until the body ended, if it ended in this step: microseconds
-                        # before now.)
+                        # otherwise be charged nothing; nor would background tasks that
+                        # run after the body was sent, in the same step), and let its block
+                        # event name us.
                         owner.finished = True
                         monitor._closing = (step, owner)
-                        blocking += (now if now > step else _clock()) - step
+                        blocking += now - step
                 route = scope.get("route")
                 entry = None
                 if scope.get("root_path", "") == root_path:
@@ -204,7 +203,7 @@ class LoopWatchMiddleware:
                     series = entry[1]
                 else:
                     series = self._series_for(scope, root_path)
-                series.add(owner.status or 500, now - start, blocking)
+                series.add(owner.status or 500, (owner.ended or now) - start, blocking)
             except Exception:  # noqa: BLE001 - never break the app we watch
                 self._internal_error("recording a request")
             _reset_owner(token)

@@ -169,19 +169,22 @@ def test_gather_children_are_charged_to_the_parent_route(loop_kind: str) -> None
         charged, measured)
 
 
+@pytest.mark.parametrize("route", ["/background", "/background-now"])
 def test_background_tasks_count_towards_their_request(
-    server: RunningServer, registry: CollectorRegistry
+    server: RunningServer, registry: CollectorRegistry, route: str
 ) -> None:
+    """/background blocks in a later step (after a sync task's thread); /background-now in
+    the very step that sent the body."""
     sample.measured.clear()
-    r = httpx.get(f"{server.url}/background", timeout=10)
+    r = httpx.get(f"{server.url}{route}", timeout=10)
     assert r.status_code == 200 and r.json() == {"scheduled": True}
     deadline = time.monotonic() + 5
-    while value(registry, "loopwatch_requests_total", method="GET", route="/background",
+    while value(registry, "loopwatch_requests_total", method="GET", route=route,
                 status="200") < 1:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     charged = value(registry, "loopwatch_request_blocking_seconds_sum",
-                    method="GET", route="/background")
+                    method="GET", route=route)
     # The blocking background job, plus the request's own few milliseconds (the first
     # request to a fresh app also builds FastAPI's serializers).
     assert len(sample.measured) == 1

@@ -99,6 +99,15 @@ def build(registry: CollectorRegistry | None, *, instrument: bool = True, **opti
         tasks.add_task(blocking_job)
         return {"scheduled": True}
 
+    @app.get("/background-now")
+    async def background_now(tasks: BackgroundTasks) -> dict[str, bool]:
+        async def blocking_job() -> None:
+            block(0.05)
+
+        # The only task, async: it runs right after the body is sent, in the same step.
+        tasks.add_task(blocking_job)
+        return {"scheduled": True}
+
     @app.get("/sync")
     def sync_route() -> dict[str, int]:
         time.sleep(0.05)
