@@ -170,13 +170,22 @@ def test_back_to_back_blocks_in_two_tasks_get_their_own_stacks(run: Any) -> None
             await asyncio.sleep(0.02)
         return w
 
-    w = run(main())
-    assert len(w.blocks) == 2, w.blocks
-    a, b = w.blocks
-    assert (a.task, b.task) == ("one", "two")
+    # The watchdog samples the second block 100 ms after it started. In a test process with
+    # many threads, on a loaded machine, it can get the GIL too late for once (the event
+    # then says so): one more try. A bug that skips the second block fails both.
+    for attempt in range(2):
+        w = run(main())
+        assert len(w.blocks) == 2, w.blocks
+        a, b = w.blocks
+        assert (a.task, b.task) == ("one", "two")
+        assert all(0.12 <= e.duration < 0.13 for e in w.blocks), [e.duration for e in w.blocks]
+        for event in (a, b):
+            assert event.frames or event.stack_status != "sampled", event
+        if a.frames and b.frames:
+            break
+        assert attempt == 0, (a.stack_status, b.stack_status)
     assert a.frames[0].function.endswith("first_blocker"), a.frames[:2]
     assert b.frames[0].function.endswith("second_blocker"), b.frames[:2]
-    assert all(0.12 <= e.duration < 0.13 for e in w.blocks), [e.duration for e in w.blocks]
 
 
 def test_saturating_short_callbacks_are_never_blocks(run: Any) -> None:
