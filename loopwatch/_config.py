@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -12,7 +14,7 @@ __all__ = ["Config"]
 # name -> (type, default, human description of what is allowed)
 _OPTIONS: dict[str, tuple[type, Any, str]] = {
     "block_threshold": (float, 0.1, "a number of seconds > 0 and <= 60"),
-    "probe_interval": (float, 0.01, "a number of seconds > 0 and below block_threshold"),
+    "probe_interval": (float, 0.01, "a number of seconds >= 0.001 and below block_threshold"),
     "stack_depth": (int, 50, "an integer from 1 to 1000"),
     "ring_size": (int, 100, "an integer from 1 to 100000"),
     "log_blocks": (bool, True, "True or False"),
@@ -20,6 +22,9 @@ _OPTIONS: dict[str, tuple[type, Any, str]] = {
 }
 
 _ENV_PREFIX = "LOOPWATCH_"
+_MIN_PROBE_INTERVAL = 0.001  # a probe more often than this would keep the loop busy itself
+logger = logging.getLogger("loopwatch")
+_warned: set[str] = set()
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -65,7 +70,8 @@ class Config:
         if not self.probe_interval < self.block_threshold:
             raise ValueError(
                 f"loopwatch: invalid probe_interval={self.probe_interval!r}; allowed: a number "
-                f"of seconds > 0 and below block_threshold ({self.block_threshold!r})"
+                f"of seconds >= {_MIN_PROBE_INTERVAL} and below block_threshold "
+                f"({self.block_threshold!r})"
             )
 
     @classmethod
@@ -76,6 +82,7 @@ class Config:
         raises :class:`ValueError` naming the variable.
         """
         env = os.environ if environ is None else environ
+        _warn_misspelled(env)
         options: dict[str, Any] = {}
         for name, (kind, _, allowed) in _OPTIONS.items():
             var = _ENV_PREFIX + name.upper()
@@ -124,6 +131,22 @@ class Config:
         return f"Config({args})"
 
 
+def _warn_misspelled(env: Mapping[str, str]) -> None:
+    """Log (once each) a ``LOOPWATCH_*`` variable that is no option but looks like one: a
+    misspelled setting would otherwise be ignored without a word."""
+    known = [_ENV_PREFIX + name.upper() for name in _OPTIONS]
+    for var in env:
+        if not var.startswith(_ENV_PREFIX) or var in known or var in _warned:
+            continue
+        close = difflib.get_close_matches(var, known, n=1, cutoff=0.8)
+        if close:
+            _warned.add(var)
+            logger.warning(
+                "loopwatch: ignoring the environment variable %s: no such setting; did you "
+                "mean %s? (loopwatch reads: %s)", var, close[0], ", ".join(known),
+            )
+
+
 def _parse(kind: type, raw: str) -> Any:
     if kind is bool:
         low = raw.lower()
@@ -155,5 +178,7 @@ def _coerce(name: str, kind: type, value: Any) -> Any:
     if not math.isfinite(number) or number <= 0:
         raise _bad(name, value)
     if name == "block_threshold" and number > 60:
+        raise _bad(name, value)
+    if name == "probe_interval" and number < _MIN_PROBE_INTERVAL:
         raise _bad(name, value)
     return number

@@ -21,8 +21,10 @@ def test_defaults() -> None:
         ({"block_threshold": float("nan")}, "invalid block_threshold=nan"),
         ({"block_threshold": "0.1"}, "invalid block_threshold='0.1'"),
         ({"block_threshold": True}, "invalid block_threshold=True"),
-        ({"probe_interval": 0.1}, "invalid probe_interval=0.1; allowed: a number of seconds > 0 "
-                                  "and below block_threshold (0.1)"),
+        ({"probe_interval": 0.1}, "invalid probe_interval=0.1; allowed: a number of seconds "
+                                  ">= 0.001 and below block_threshold (0.1)"),
+        ({"probe_interval": 0.0001}, "invalid probe_interval=0.0001; allowed: a number of "
+                                     "seconds >= 0.001"),
         ({"block_threshold": 0.05, "probe_interval": 0.06}, "invalid probe_interval=0.06"),
         ({"ring_size": 0}, "invalid ring_size=0; allowed: an integer from 1 to 100000"),
         ({"stack_depth": 2.5}, "invalid stack_depth=2.5"),
@@ -66,3 +68,18 @@ def test_config_is_immutable_and_replace_validates() -> None:
     with pytest.raises(ValueError, match="probe_interval"):
         c.replace(block_threshold=0.005)
     assert Config() == Config() and hash(Config()) == hash(Config())
+
+
+def test_a_misspelled_variable_is_named_once_and_others_are_left_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = {"LOOPWATCH_BLOCK_THRESHOLDS": "0.05", "LOOPWATCH_EXTRAS": "dev",
+           "LOOPWATCH_LOG_BLOCKS": "off"}
+    with caplog.at_level("WARNING", logger="loopwatch"):
+        c = Config.from_env(env)
+        Config.from_env(env)
+    assert c.block_threshold == 0.1 and c.log_blocks is False  # the misspelled one is ignored
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "LOOPWATCH_BLOCK_THRESHOLDS" in warnings[0]
+    assert "did you mean LOOPWATCH_BLOCK_THRESHOLD?" in warnings[0]
