@@ -230,5 +230,20 @@ def wrk(port: int, path: str, seconds: float, threads: int = 2, connections: int
     raise RuntimeError(f"wrk printed no summary:\n{out}")
 
 
+def callgrind_counts(directory: Path) -> list[int]:
+    """Instructions counted in each callgrind dump (``cg.<pid>.<n>``) in ``directory``, in
+    the order they were dumped."""
+    dumps = sorted(directory.glob("cg.*.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))
+    counts = []
+    for dump in dumps:
+        for line in dump.read_text().splitlines():
+            if line.startswith("summary:"):
+                counts.append(int(line.split()[1]))
+                break
+        else:
+            raise RuntimeError(f"no summary in {dump}")
+    return counts
+
+
 def log(*parts: Any) -> None:
     print(*parts, flush=True)

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.child:
         child(args.n)
         return {}
-    from _common import command_line, log, write_result
+    from _common import callgrind_counts, command_line, log, write_result
 
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
@@ -284,12 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-3000:])
         names = json.loads(proc.stdout.split("SEGMENTS ", 1)[1])
-        dumps = sorted(out.glob("cg.*.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))
-        counts = []
-        for dump in dumps:
-            for line in dump.read_text().splitlines():
-                if line.startswith("summary:"):
-                    counts.append(int(line.split()[1]))
+        counts = callgrind_counts(out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     rows: dict[str, float] = {}

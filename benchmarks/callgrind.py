@@ -140,14 +140,9 @@ def child(args: argparse.Namespace) -> None:
     print("SEGMENTS " + json.dumps(segments), flush=True)
 
 
-def instructions(path: Path) -> int:
-    for line in path.read_text().splitlines():
-        if line.startswith("summary:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no summary in {path}")
-
-
 def run_loop(loop: str, variants: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    from _common import callgrind_counts
+
     out = Path(args.keep, loop) if args.keep else Path(tempfile.mkdtemp(prefix="lw-callgrind-"))
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -165,11 +160,11 @@ def run_loop(loop: str, variants: list[str], args: argparse.Namespace) -> dict[s
         if proc.returncode != 0:
             raise RuntimeError(f"callgrind run failed:\n{proc.stderr[-3000:]}")
         segments = json.loads(proc.stdout.split("SEGMENTS ", 1)[1])
-        dumps = sorted(out.glob("cg.*.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))
-        if len(dumps) != len(segments):
-            raise RuntimeError(f"{len(dumps)} dumps for {len(segments)} segments")
-        for seg, dump in zip(segments, dumps, strict=True):
-            seg["instructions"] = instructions(dump)
+        counts = callgrind_counts(out)
+        if len(counts) != len(segments):
+            raise RuntimeError(f"{len(counts)} dumps for {len(segments)} segments")
+        for seg, count in zip(segments, counts, strict=True):
+            seg["instructions"] = count
         res: dict[str, Any] = {"valgrind_seconds": time.monotonic() - t}
         for workload in dict.fromkeys(s["workload"] for s in segments):
             per_variant: dict[str, Any] = {}

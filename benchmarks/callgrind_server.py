@@ -29,7 +29,15 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import BENCH, command_line, free_port, http_get, log, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    BENCH,
+    callgrind_counts,
+    command_line,
+    free_port,
+    http_get,
+    log,
+    write_result,
+)
 
 
 async def load(port: int, n: int, connections: int = 10) -> None:
@@ -88,12 +96,7 @@ def serve(variant: str, loop: str, args: argparse.Namespace) -> dict[str, Any]:
             proc.wait()
         errfile.close()
     try:
-        dumps = sorted(out.glob("cg.*.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))
-        counts = []
-        for dump in dumps:
-            for line in dump.read_text().splitlines():
-                if line.startswith("summary:"):
-                    counts.append(int(line.split()[1]))
+        counts = callgrind_counts(out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     if len(counts) != len(sizes):
