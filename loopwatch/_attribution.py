@@ -22,13 +22,12 @@ class Owner:
     steps of tasks it spawned). ``method`` and ``route`` label the block events it causes.
     """
 
-    __slots__ = ("__weakref__", "busy", "finished", "method", "route")
+    __slots__ = ("__weakref__", "busy", "method", "route")
 
     def __init__(self, method: str | None = None, route: str | None = None) -> None:
         self.busy = 0.0
         self.method = method
         self.route = route
-        self.finished = False
 
     def labels(self) -> tuple[str | None, str | None]:
         """(method, route) for block events; subclasses may resolve the route lazily."""

@@ -171,13 +171,6 @@ class LoopWatchMetrics:
             self._series = [*self._series, series]
         return series
 
-    def forget_series(self, series: list[RequestSeries]) -> None:
-        """Fold in and stop flushing ``series`` (a middleware that forgets its cache)."""
-        self.flush()
-        gone = set(map(id, series))
-        with self._flush_lock:
-            self._series = [s for s in self._series if id(s) not in gone]
-
     @property
     def pending(self) -> int:
         """Requests recorded but not yet folded into the Prometheus metrics."""
@@ -232,14 +225,12 @@ class RequestSeries:
     __slots__ = (
         "_blocking_bounds", "_blocking_child", "_duration_bounds", "_duration_child", "_folded",
         "blocking_sum", "blocking_counts", "count",
-        "duration_sum", "duration_counts", "flushed", "method", "route", "statuses", "token",
+        "duration_sum", "duration_counts", "flushed", "method", "route", "statuses",
     )
 
     def __init__(self, method: str, route: str, duration_child: Any, blocking_child: Any):
         self.method = method
         self.route = route
-        #: What the owner of the series (a middleware) identifies it by; its business.
-        self.token: Any = None
         self._duration_child = duration_child
         self._blocking_child = blocking_child
         self._duration_bounds = _bounds(duration_child, HTTP_BUCKETS)

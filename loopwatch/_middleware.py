@@ -182,19 +182,12 @@ class LoopWatchMiddleware:
             in_flight.discard(owner)
             try:
                 now = _clock()
-                blocking = owner.busy
                 monitor = self.monitor
-                if monitor is not None:
-                    step = monitor.step_start
-                    if step:
-                        # Monitor.note_finished, inlined: charge the step still running too
-                        # (a handler that blocks and returns without another await would
-                        # otherwise be charged nothing; nor would background tasks that
-                        # run after the body was sent, in the same step), and let its block
-                        # event name us.
-                        owner.finished = True
-                        monitor._closing = (step, owner)
-                        blocking += now - step
+                # Charge the step still running too (a handler that blocks and returns
+                # without another await would otherwise be charged nothing; nor would
+                # background tasks run after the body was sent, in the same step).
+                blocking = (monitor.note_finished(owner, now) if monitor is not None
+                            else owner.busy)
                 route = scope.get("route")
                 entry = None
                 if scope.get("root_path", "") == root_path:

@@ -361,18 +361,18 @@ class Monitor:
 
     # -- blocks ------------------------------------------------------------------------
 
-    def note_finished(self, owner: Owner) -> float:
+    def note_finished(self, owner: Owner, now: float | None = None) -> float:
         """Called by an owner's code as it finishes, inside its last step.
 
-        Returns the owner's loop time *including the step still running*, and remembers
-        the owner so that, if this step turns out to be a block, the event still names it.
+        Returns the owner's loop time *including the step still running* (until ``now``, a
+        ``perf_counter()`` the caller already read, or now), and remembers the owner so that,
+        if this step turns out to be a block, the event still names it.
         """
-        owner.finished = True
         start = self.step_start
         if not start:
             return owner.busy
         self._closing = (start, owner)
-        return owner.busy + (_clock() - start)
+        return owner.busy + ((_clock() if now is None else now) - start)
 
     def on_block(self, t0: float, duration: float, owner: Owner | None, callback: Any) -> None:
         """Called on the loop thread after a step that ran longer than the threshold."""
