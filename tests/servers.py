@@ -121,7 +121,8 @@ def serve_in_subprocess(
                 break
             except httpx.HTTPError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"server on port {port} did not answer within {timeout} s")
+                    raise RuntimeError(
+                        f"server on port {port} did not answer within {timeout} s") from None
                 time.sleep(0.05)
         yield proc
     finally:

@@ -1,13 +1,13 @@
 """The Prometheus rule files: promtool's checks and unit tests, and the conventions they follow.
 
 promtool comes from the Debian package ``prometheus`` (/usr/bin/promtool). Without it these
-tests skip locally and fail under CI (``CI`` set), where it must be installed.
+tests skip locally and fail under CI (``CI`` set, as ``.ci/run`` does), where it must be
+installed.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 import re
 import shutil
 import subprocess
@@ -17,14 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dashboards.contract import series_names
+from dashboards.contract import series_names  # noqa: E402 (after the sys.path line)
+from tests.needs import missing  # noqa: E402 (after the sys.path line)
 
 PROM_DIR = ROOT / "dashboards" / "prometheus"
 RULES_DIR = PROM_DIR / "rules"
@@ -42,9 +42,7 @@ def promtool() -> str:
         "/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None
     )
     if not found:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing: install the Debian package `prometheus`")
-        pytest.skip("promtool is missing: install the Debian package `prometheus`")
+        missing("promtool is missing: install the Debian package `prometheus`")
     return found
 
 

@@ -22,9 +22,7 @@ the contract itself, independently of the demo.
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -39,7 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dashboards import stack as st
+from dashboards import stack as st  # noqa: E402 (after the sys.path line)
+from tests.needs import missing  # noqa: E402 (after the sys.path line)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -49,10 +48,7 @@ if TYPE_CHECKING:
 def _prometheus_binary() -> None:
     """Skip without the prometheus binary; under CI (``CI`` set), where it must be, fail."""
     if not (shutil.which("prometheus") or Path("/usr/bin/prometheus").exists()):
-        msg = "needs the prometheus binary (Debian package `prometheus`)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        missing("needs the prometheus binary (Debian package `prometheus`)")
 
 
 BLOCKED_ALERT = "LoopwatchEventLoopBlocked"
@@ -179,7 +175,7 @@ class _Histogram:
     def lines(self, name: str, labels: str) -> list[str]:
         sep = "," if labels else ""
         out, cum = [], 0.0
-        for b, c in zip([*self.buckets, math.inf], self.counts):
+        for b, c in zip([*self.buckets, math.inf], self.counts, strict=False):
             cum += c
             le = "+Inf" if b == math.inf else repr(float(b))
             out.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {cum}')

@@ -69,7 +69,7 @@ def build(registry: CollectorRegistry | None, *, instrument: bool = True, **opti
     @app.get("/slowstream")
     async def slowstream() -> StreamingResponse:
         async def chunks() -> Any:
-            for i in range(100):
+            for _ in range(100):
                 yield b"x" * 1024
                 await asyncio.sleep(0.02)
 
