@@ -201,20 +201,25 @@ class _BrokenReader(SchedReader):
         pass
 
 
+def _fake_readers(monkeypatch: pytest.MonkeyPatch) -> list[_BrokenReader]:
+    """Make monitors open a _BrokenReader that never fails (until told); the list gets each."""
+    readers: list[_BrokenReader] = []
+
+    def fake_open(native_tid: int) -> Any:
+        readers.append(_BrokenReader(fail_after=10**9))
+        return readers[-1]
+
+    monkeypatch.setattr(monitor_module, "open_reader", fake_open)
+    return readers
+
+
 @pytest.mark.parametrize("reader", ["none", "broken"])
 def test_without_schedstat_blocks_are_reported_as_before(
     run: Any, monkeypatch: pytest.MonkeyPatch, reader: str
 ) -> None:
-    readers: list[Any] = []
-
-    def fake_open(native_tid: int) -> Any:
-        if reader == "none":
-            return None
-        r = _BrokenReader(fail_after=10**9)
-        readers.append(r)
-        return r
-
-    monkeypatch.setattr(monitor_module, "open_reader", fake_open)
+    readers = [] if reader == "none" else _fake_readers(monkeypatch)
+    if reader == "none":
+        monkeypatch.setattr(monitor_module, "open_reader", lambda native_tid: None)
 
     async def main() -> loopwatch.Monitor:
         monitor = loopwatch.Monitor(block_threshold=0.02, log_blocks=False).start()
@@ -263,14 +268,7 @@ def test_reader_is_read_on_the_probe_not_per_step(
     run: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Hundreds of short steps cost no read; the probe reads once per firing."""
-    readers: list[_BrokenReader] = []
-
-    def fake_open(native_tid: int) -> Any:
-        r = _BrokenReader(fail_after=10**9)
-        readers.append(r)
-        return r
-
-    monkeypatch.setattr(monitor_module, "open_reader", fake_open)
+    readers = _fake_readers(monkeypatch)
 
     async def main() -> loopwatch.Monitor:
         monitor = loopwatch.Monitor(block_threshold=0.05, log_blocks=False).start()
