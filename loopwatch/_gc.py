@@ -30,10 +30,11 @@ GC_STATUS = "unavailable: Python's garbage collector ran (and held the GIL) for 
 
 
 class _Pauses:
-    """The last collections, as (start, stop) on perf_counter's clock."""
+    """The last collections, as (start, stop, thread) on perf_counter's clock."""
 
     def __init__(self, size: int = 64) -> None:
-        self.recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=size)
+        self.recent: collections.deque[tuple[float, float, int]] = collections.deque(
+            maxlen=size)
         self._started = 0.0
 
     def __call__(self, phase: str, info: Any) -> None:
@@ -41,7 +42,7 @@ class _Pauses:
         if phase == "start":
             self._started = _clock()
         else:
-            self.recent.append((self._started, _clock()))
+            self.recent.append((self._started, _clock(), threading.get_ident()))
 
 
 _pauses = _Pauses()
@@ -66,11 +67,17 @@ def untrack() -> None:
             gc.callbacks.remove(_pauses)
 
 
-def collector_time(start: float, end: float) -> float:
-    """Seconds of ``[start, end]`` (perf_counter) the garbage collector ran."""
+def collector_time(start: float, end: float, thread: int | None) -> float:
+    """Seconds of ``[start, end]`` (perf_counter) the garbage collector ran in ``thread``.
+
+    Only the loop thread's own collections count: one run by another thread while the loop
+    thread waits in a call of its own (``time.sleep``, a socket) does not hold the loop up
+    any longer, and one that made the loop thread wait for the GIL is like any other thread
+    holding the GIL.
+    """
     total = 0.0
-    for began, stopped in tuple(_pauses.recent):
+    for began, stopped, ident in tuple(_pauses.recent):
         overlap = min(stopped, end) - max(began, start)
-        if overlap > 0.0:
+        if overlap > 0.0 and ident == thread:
             total += overlap
     return total

@@ -453,7 +453,7 @@ class Monitor:
                 status = NOT_SAMPLED
         task = _task_of(callback) or task
         method, route = owner.labels() if owner is not None else (None, None)
-        gc_seconds = _gc.collector_time(t0, t0 + duration)
+        gc_seconds = _gc.collector_time(t0, t0 + duration, self._thread_id)
         if gc_seconds and duration - gc_seconds < self.threshold:
             # The collector's block, not the code of the step it interrupted.
             method, route, frames, hint = None, _gc.GC_ROUTE, (), _gc.GC_HINT

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -80,6 +81,23 @@ def test_a_real_block_with_a_collection_in_it_stays_the_codes(run: Any, big_heap
     assert event.hint != _gc.GC_HINT
     # The collection is noted: the whole step minus the sleep, give or take a few ms.
     assert abs(event.gc_seconds - (took - 2 * THRESHOLD)) < 0.01, (event.gc_seconds, took)
+
+
+def test_a_collection_in_another_thread_does_not_make_a_block_the_collectors(
+    run: Any, big_heap: float
+) -> None:
+    """The loop thread sleeps (no GIL needed) while another thread runs a full collection
+    that lasts about as long: the block is still the code's."""
+    def sleep_while_another_thread_collects() -> None:
+        collector = threading.Thread(target=gc.collect)
+        collector.start()
+        time.sleep(2 * THRESHOLD)
+        collector.join()
+
+    w, _ = _watch(run, sleep_while_another_thread_collects)
+    assert len(w.blocks) == 1, w.blocks
+    event = w.blocks[0]
+    assert event.route != _gc.GC_ROUTE and event.gc_seconds == 0.0, event
 
 
 def test_a_block_without_a_collection_has_no_collector_time(run: Any) -> None:
