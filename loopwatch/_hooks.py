@@ -8,7 +8,8 @@ monitor installs a task factory that wraps each task's coroutine and times each 
 
 Both paths do the same thing around a step: note its start where the watchdog can see it,
 run it, add its duration to the loop's busy time and to the owner found in the step's
-context, and hand anything longer than the threshold to the monitor as a block.
+context, and hand anything longer than the threshold to the monitor as a block. Where the C
+extension was built (``_accel``), its twins of ``_timed_run`` and ``TimedCoroutine`` do it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 import types
 from typing import TYPE_CHECKING, Any
 
+from ._accel import speedups
 from ._attribution import current_owner
 
 if TYPE_CHECKING:
@@ -67,6 +69,11 @@ def _timed_run(
             mon.on_block(t0, dt, owner, self._callback)  # type: ignore[attr-defined]
 
 
+_py_timed_run = _timed_run
+if speedups is not None:
+    # A method descriptor of Handle: the original Handle._run runs inside, as it is.
+    _timed_run = speedups.handle_run(_Handle)  # noqa: F811
+
 # Loops in several threads (and the watchdog of a closed loop) install and uninstall.
 _hook_lock = threading.Lock()
 
@@ -91,7 +98,7 @@ def uninstall_handle_hook(loop: asyncio.AbstractEventLoop) -> None:
 
 def handle_hook_works() -> bool:
     """Whether the running Python's Handle._run can be wrapped (pure Python on 3.10–3.13)."""
-    return isinstance(_original_run, type(_timed_run))
+    return isinstance(_original_run, types.FunctionType)
 
 
 class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
@@ -157,18 +164,35 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
         return repr(self._coro)
 
 
+def _py_timed(coro: Any, monitor: Monitor) -> TimedCoroutine:
+    # TimedCoroutine(coro, monitor) without a Python __init__: this runs for every task.
+    timed = _new(TimedCoroutine)
+    timed._coro = coro
+    timed._monitor = monitor
+    return timed
+
+
+_new = object.__new__
+#: The wrapper types (pure Python, and the C twin where it was built), and the one in use.
+TIMED_TYPES: tuple[type, ...] = (TimedCoroutine,)
+_timed: Any = _py_timed
+if speedups is not None:
+    collections.abc.Coroutine.register(speedups.TimedCoroutine)
+    TIMED_TYPES = (speedups.TimedCoroutine, TimedCoroutine)
+    _timed = speedups.timed
+
+
 class Task(asyncio.Task):  # type: ignore[type-arg]
     """A Task whose ``get_coro()`` returns the task's own coroutine, not the timing wrapper
     (used only where a Task takes no ``get_coro`` instance attribute: see the factory)."""
 
     def get_coro(self) -> Any:
         coro = super().get_coro()
-        return coro._coro if type(coro) is TimedCoroutine else coro
+        return coro.wrapped() if type(coro) in TIMED_TYPES else coro
 
 
 _CoroutineType = types.CoroutineType
 _AsyncioTask = asyncio.Task
-_new = object.__new__
 
 
 #: Whether a Task takes ``get_coro`` as an instance attribute (see the factory).
@@ -178,15 +202,14 @@ _shadowing = [True]
 def make_task_factory(monitor: Monitor, previous: Any) -> Any:
     """A task factory that times each task's steps, then defers to ``previous`` (if any)."""
     shadowing = _shadowing
+    timed_types = TIMED_TYPES
+    make_timed = _timed
 
     def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
         # Only real coroutines: anything else must reach Task() and fail there, as without us.
-        # (TimedCoroutine(coro, monitor) without a Python __init__: this runs for every task.)
         if monitor.active and (type(coro) is _CoroutineType or (
-                asyncio.iscoroutine(coro) and not isinstance(coro, TimedCoroutine))):
-            timed = _new(TimedCoroutine)
-            timed._coro = coro
-            timed._monitor = monitor
+                asyncio.iscoroutine(coro) and type(coro) not in timed_types)):
+            timed = make_timed(coro, monitor)
             if previous is None and shadowing[0]:
                 # A plain Task, get_coro() shadowed on the instance to return the task's own
                 # coroutine: a subclass of the C Task leaves its fast paths (~4,000
@@ -201,9 +224,12 @@ def make_task_factory(monitor: Monitor, previous: Any) -> Any:
             coro = timed
         if previous is not None:
             return previous(loop, coro, **kwargs)  # type: ignore[no-any-return]
-        if type(coro) is TimedCoroutine:
+        if type(coro) in timed_types:
             return Task(coro, loop=loop, **kwargs)
         return _AsyncioTask(coro, loop=loop, **kwargs)
 
-    factory.loopwatch_previous = previous  # type: ignore[attr-defined]
+    if speedups is not None and previous is None and make_timed is speedups.timed:
+        # The C factory does the common case (a plain coroutine, a monitor running) itself
+        # and hands everything else to this one.
+        return speedups.TaskFactory(monitor, factory, _AsyncioTask)
     return factory

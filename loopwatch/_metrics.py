@@ -21,6 +21,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from ._accel import speedups
 from ._events import BlockEvent
 
 __all__ = ["LoopWatchMetrics", "flush_all", "metrics_for"]
@@ -217,35 +218,71 @@ class LoopWatchMetrics:
 class RequestSeries:
     """Running totals of the requests of one (method, route), written by one loop thread.
 
-    :meth:`add` costs a few list and float operations per request (instead of ~5 µs of
-    ``observe()``/``inc()``); :meth:`fold` hands the growth since the last fold to the
-    Prometheus children, one lock operation per touched bucket.
+    ``add(status, duration, blocking)`` costs a few list and float operations per request
+    (instead of ~5 µs of ``observe()``/``inc()``), or a few C additions where the extension
+    was built; :meth:`fold` hands the growth since the last fold to the Prometheus children,
+    one lock operation per touched bucket.
     """
 
-    __slots__ = (
-        "_blocking_bounds", "_blocking_child", "_duration_bounds", "_duration_child", "_folded",
-        "blocking_sum", "blocking_counts", "count",
-        "duration_sum", "duration_counts", "flushed", "method", "route", "statuses",
-    )
+    __slots__ = ("_blocking_child", "_duration_child", "_folded", "add", "flushed", "method",
+                 "route", "totals")
 
     def __init__(self, method: str, route: str, duration_child: Any, blocking_child: Any):
         self.method = method
         self.route = route
         self._duration_child = duration_child
         self._blocking_child = blocking_child
-        self._duration_bounds = _bounds(duration_child, HTTP_BUCKETS)
-        self._blocking_bounds = _bounds(blocking_child, BLOCKING_BUCKETS)
+        duration_bounds = _bounds(duration_child, HTTP_BUCKETS)
+        blocking_bounds = _bounds(blocking_child, BLOCKING_BUCKETS)
+        self.totals = _new_totals(duration_bounds, blocking_bounds)
+        #: add(status, duration, blocking): record one finished request (loop thread only).
+        self.add: Any = self.totals.add
+        self.flushed = 0
+        #: What fold() already handed over: duration counts, blocking counts, sums, statuses.
+        self._folded: tuple[list[int], list[int], list[float], dict[int, int]] = (
+            [0] * (len(duration_bounds) + 1), [0] * (len(blocking_bounds) + 1), [0.0, 0.0], {},
+        )
+
+    @property
+    def count(self) -> int:
+        """Requests added so far."""
+        return int(self.totals.count)
+
+    def fold(self, counter_for: Any) -> None:
+        """Hand what was added since the last fold to the Prometheus children."""
+        done_duration, done_blocking, done_sums, done_statuses = self._folded
+        duration_counts, blocking_counts, duration_sum, blocking_sum, statuses, _ = (
+            self.totals.snapshot()
+        )
+        _fold_histogram(self._duration_child, duration_counts, done_duration,
+                        duration_sum - done_sums[0])
+        done_sums[0] = duration_sum
+        _fold_histogram(self._blocking_child, blocking_counts, done_blocking,
+                        blocking_sum - done_sums[1])
+        done_sums[1] = blocking_sum
+        for status, n in statuses.items():
+            grown = n - done_statuses.get(status, 0)
+            if grown:
+                counter_for(self.method, self.route, status).inc(grown)
+                done_statuses[status] = n
+
+
+class Totals:
+    """The running totals behind a :class:`RequestSeries` (``loopwatch._speedups.Totals`` is
+    its C twin): bucket counts and sums of durations and blocking times, counts by status."""
+
+    __slots__ = ("_blocking_bounds", "_duration_bounds", "blocking_counts", "blocking_sum",
+                 "count", "duration_counts", "duration_sum", "statuses")
+
+    def __init__(self, duration_bounds: tuple[float, ...], blocking_bounds: tuple[float, ...]):
+        self._duration_bounds = tuple(duration_bounds)
+        self._blocking_bounds = tuple(blocking_bounds)
         self.duration_counts = [0] * (len(self._duration_bounds) + 1)
         self.blocking_counts = [0] * (len(self._blocking_bounds) + 1)
         self.duration_sum = 0.0
         self.blocking_sum = 0.0
         self.statuses: dict[int, int] = {}
-        self.count = 0  # written last by add(): a flush that sees it sees the rest
-        self.flushed = 0
-        #: What fold() already handed over: duration counts, blocking counts, sums, statuses.
-        self._folded: tuple[list[int], list[int], list[float], dict[int, int]] = (
-            [0] * len(self.duration_counts), [0] * len(self.blocking_counts), [0.0, 0.0], {},
-        )
+        self.count = 0
 
     def add(self, status: int, duration: float, blocking: float,
             _bisect: Any = bisect_left) -> None:
@@ -263,20 +300,16 @@ class RequestSeries:
             statuses[status] = 1
         self.count += 1
 
-    def fold(self, counter_for: Any) -> None:
-        """Hand what was added since the last fold to the Prometheus children."""
-        done_duration, done_blocking, done_sums, done_statuses = self._folded
-        _fold_histogram(self._duration_child, self.duration_counts, done_duration,
-                        self.duration_sum - done_sums[0])
-        done_sums[0] = self.duration_sum
-        _fold_histogram(self._blocking_child, self.blocking_counts, done_blocking,
-                        self.blocking_sum - done_sums[1])
-        done_sums[1] = self.blocking_sum
-        for status, n in self.statuses.copy().items():
-            grown = n - done_statuses.get(status, 0)
-            if grown:
-                counter_for(self.method, self.route, status).inc(grown)
-                done_statuses[status] = n
+    def snapshot(self) -> tuple[list[int], list[int], float, float, dict[int, int], int]:
+        """(duration counts, blocking counts, duration sum, blocking sum, statuses, count).
+
+        Read from another thread while the loop adds: each part is consistent in itself, and
+        what one fold misses of another part the next fold hands over."""
+        return (list(self.duration_counts), list(self.blocking_counts), self.duration_sum,
+                self.blocking_sum, self.statuses.copy(), self.count)
+
+
+_new_totals: Any = Totals if speedups is None else speedups.Totals
 
 
 def _bounds(child: Any, default: tuple[float, ...]) -> tuple[float, ...]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from ._accel import speedups
 from ._attribution import Owner, current_owner
 from ._config import Config
 from ._metrics import LoopWatchMetrics, RequestSeries, metrics_for
@@ -41,8 +42,9 @@ _shared: dict[Monitor, tuple[bool, list[Any]]] = {}
 class _RequestOwner(Owner):
     """The loop time of one request; its route is read from the scope once routed.
 
-    It also wraps the request's ``send`` (as a plain method returning the server's awaitable:
-    no coroutine of our own per message) to see the status and the end of the body.
+    Its ``send_wrapper`` is the request's ``send`` (a plain method returning the server's
+    awaitable: no coroutine of our own per message), which notes the status and the end of
+    the body. ``loopwatch._speedups.RequestOwner`` is its C twin, which is itself the send.
     """
 
     __slots__ = ("ended", "root_path", "scope", "send", "status")
@@ -63,7 +65,23 @@ class _RequestOwner(Owner):
         return self.send(message)
 
 
-_new_owner = object.__new__
+def _py_new_owner(scope: Scope, root_path: str, send: Send) -> _RequestOwner:
+    # _RequestOwner(...) without a Python __init__: this runs for every request.
+    owner = object.__new__(_RequestOwner)
+    owner.busy = 0.0
+    owner.scope = scope
+    owner.root_path = root_path
+    owner.send = send
+    owner.status = 0
+    owner.ended = 0.0
+    return owner
+
+
+_new_owner: Callable[[Scope, str, Send], Any] = (
+    _py_new_owner if speedups is None else speedups.new_owner
+)
+#: Whether the owner itself is the request's send (C), or its send_wrapper (pure Python).
+_OWNER_IS_SEND = speedups is not None
 #: Entries of a middleware's (raw method, id(route)) -> (route, series) cache, at most.
 _FAST_LIMIT = 10_000
 
@@ -125,7 +143,7 @@ class LoopWatchMiddleware:
         #: Request totals by label, and a cache by (raw method, id(route)) in front of it.
         self._by_label: dict[tuple[str, str], RequestSeries] = {}
         self._fast: dict[tuple[str, int], tuple[Any, RequestSeries]] = {}
-        self._in_flight: set[_RequestOwner] = set()
+        self._in_flight: set[Any] = set()  # request owners
         self._limiter: Any = None
         self._errors_logged = False
 
@@ -160,20 +178,13 @@ class LoopWatchMiddleware:
             return
 
         root_path = scope.get("root_path", "")
-        # _RequestOwner(...) without a Python __init__: this runs for every request.
-        owner = _new_owner(_RequestOwner)
-        owner.busy = 0.0
-        owner.scope = scope
-        owner.root_path = root_path
-        owner.send = send
-        owner.status = 0
-        owner.ended = 0.0
+        owner = _new_owner(scope, root_path, send)
         token = _set_owner(owner)
         in_flight = self._in_flight
         in_flight.add(owner)
         start = _clock()
         try:
-            await self.app(scope, receive, owner.send_wrapper)
+            await self.app(scope, receive, owner if _OWNER_IS_SEND else owner.send_wrapper)
         except BaseException:
             if not owner.status:
                 owner.status = 500

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ._accel import StepState
 from ._attribution import Owner
 from ._config import Config
 from . import _gc
@@ -58,7 +59,7 @@ def get_monitor(loop: asyncio.AbstractEventLoop | None = None) -> Monitor | None
     return _monitors.get(loop)
 
 
-class Monitor:
+class Monitor(StepState):  # type: ignore[misc]
     """Watches one event loop.
 
     ``Monitor(loop, **options).start()`` on a running (or about to run) loop; ``stop()`` from
@@ -71,7 +72,8 @@ class Monitor:
     so much of them that its code held the loop for less than the threshold; Linux only).
     """
 
-    # Attributes written on every step are plain slots: the hot path is a few stores.
+    # Attributes written on every step (step_start, busy, threshold, active) are in the
+    # StepState base: C doubles where the extension was built, else plain slots.
     __slots__ = (
         "_block_sinks",
         "_busy_reported",
@@ -92,10 +94,8 @@ class Monitor:
         "_tick_sinks",
         "_watchdog",
         "_watchdog_reported",
-        "active",
         "block_count",
         "blocks",
-        "busy",
         "config",
         "internal_errors",
         "lag_count",
@@ -107,8 +107,6 @@ class Monitor:
         "preempted_count",
         "probe_deadline",
         "sample",
-        "step_start",
-        "threshold",
         "untimed_sample",
     )
 

@@ -16,10 +16,19 @@ from typing import Any
 import uvicorn
 
 
+_issued: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port, never one this process was given before (the kernel may hand
+    a just-closed port out again, and two servers started together would collide)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _issued:
+            _issued.add(port)
+            return port
 
 
 @dataclass

@@ -1,0 +1,529 @@
+"""The C hot path (loopwatch._speedups) and its pure-Python twins do the same thing.
+
+Each twin is tested side by side with the other on the same inputs: the step hooks
+(``Handle._run`` for asyncio, ``TimedCoroutine`` for uvloop), the request owner that is the
+request's ``send``, and the running totals of a (method, route). The whole suite runs the C
+path where it was built; ``test_pure_python_path_end_to_end`` runs the middleware and monitor
+tests again with ``LOOPWATCH_PURE_PYTHON=1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextvars
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loopwatch import _hooks, _metrics, _middleware
+from loopwatch._accel import StepState, speedups
+from loopwatch._attribution import Owner, current_owner
+
+from needs import missing
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _c() -> Any:
+    if speedups is None:
+        missing("loopwatch._speedups was not built (no compiler at install time?)")
+    return speedups
+
+
+def test_the_extension_is_built_and_in_use() -> None:
+    """CI installs with a compiler: the figures in docs/performance.md are for the C path."""
+    c = _c()
+    assert _hooks._timed is c.timed
+    assert _middleware._new_owner is c.new_owner
+    assert _metrics._new_totals is c.Totals
+    # Its clock is time.perf_counter's (the watchdog compares the two).
+    before = time.perf_counter()
+    now = c.clock()
+    after = time.perf_counter()
+    assert before <= now <= after
+
+
+# -- running totals -------------------------------------------------------------------------
+
+BOUNDS_D = (0.005, 0.01, 0.025, 0.05, 0.1)
+BOUNDS_B = (0.0005, 0.001, 0.0025)
+
+
+def _totals_kinds() -> list[Any]:
+    return [pytest.param(_metrics.Totals, id="python"), pytest.param("c", id="c")]
+
+
+def _make_totals(kind: Any) -> Any:
+    cls = _c().Totals if kind == "c" else kind
+    return cls(BOUNDS_D, BOUNDS_B)
+
+
+@pytest.mark.parametrize("kind", _totals_kinds())
+def test_totals_match_prometheus_bucketing_on_edges(kind: Any) -> None:
+    totals = _make_totals(kind)
+    values = [0.0, 0.005, 0.0050001, 0.01, 0.1, 0.1000001, 5.0, float("nan")]
+    for v in values:
+        totals.add(200, v, v / 10)
+    d, b, d_sum, b_sum, statuses, count = totals.snapshot()
+    # A value equal to a bound is in that bound's bucket, as prometheus_client's observe()
+    # puts it (bisect_left); NaN lands in the first.
+    assert d == [3, 2, 0, 0, 1, 2]
+    expected_b = [0] * (len(BOUNDS_B) + 1)
+    for v in values:
+        expected_b[bisect.bisect_left(BOUNDS_B, v / 10)] += 1
+    assert b == expected_b
+    assert count == len(values) and statuses == {200: len(values)}
+    assert math.isnan(d_sum) and math.isnan(b_sum)
+
+
+@pytest.mark.parametrize("kind", _totals_kinds())
+def test_totals_statuses_in_and_out_of_the_usual_range(kind: Any) -> None:
+    totals = _make_totals(kind)
+    for status in (200, 200, 404, 599, 100, 0, 99, 600, 1000, 500):
+        totals.add(status, 0.001, 0.0)
+    statuses = totals.snapshot()[4]
+    assert statuses == {200: 2, 404: 1, 599: 1, 100: 1, 0: 1, 99: 1, 600: 1, 1000: 1, 500: 1}
+    assert totals.count == 10
+
+
+def test_c_and_python_totals_agree_on_random_values() -> None:
+    c_totals = _make_totals("c")
+    py_totals = _make_totals(_metrics.Totals)
+    rng = random.Random(7)
+    for _ in range(5000):
+        status = rng.choice((200, 201, 404, 500, 503))
+        duration = rng.expovariate(40)
+        blocking = rng.choice((0.0, rng.expovariate(1000), *BOUNDS_B))
+        c_totals.add(status, duration, blocking)
+        py_totals.add(status, duration, blocking)
+    c_snap, py_snap = c_totals.snapshot(), py_totals.snapshot()
+    assert c_snap[0] == py_snap[0] and c_snap[1] == py_snap[1]
+    assert c_snap[2] == pytest.approx(py_snap[2], rel=1e-12)
+    assert c_snap[3] == pytest.approx(py_snap[3], rel=1e-12)
+    assert c_snap[4] == py_snap[4] and c_snap[5] == py_snap[5] == 5000
+
+
+def test_c_totals_refuse_bad_input_by_name() -> None:
+    c = _c()
+    with pytest.raises(ValueError, match="duration bounds must increase"):
+        c.Totals((0.1, 0.05), BOUNDS_B)
+    with pytest.raises(TypeError):
+        c.Totals(None, BOUNDS_B)
+    totals = c.Totals(BOUNDS_D, BOUNDS_B)
+    with pytest.raises(TypeError):
+        totals.add("200", 0.1, 0.0)
+    with pytest.raises(TypeError, match=r"add\(\) takes"):
+        totals.add(200, 0.1)
+    assert totals.count == 0  # nothing half-recorded
+
+
+# -- the request owner, which is the request's send -----------------------------------------
+
+def _owner_makers() -> list[Any]:
+    return [pytest.param(_middleware._py_new_owner, id="python"), pytest.param("c", id="c")]
+
+
+def _new_owner(maker: Any, scope: Any, send: Any) -> Any:
+    """An owner and the request's send it gives the app (the C owner is its own send)."""
+    if maker == "c":
+        owner = _c().new_owner(scope, "", send)
+        return owner, owner
+    owner = maker(scope, "", send)
+    return owner, owner.send_wrapper
+
+
+@pytest.mark.parametrize("maker", _owner_makers())
+def test_owner_as_send_notes_status_and_end_and_returns_the_servers_awaitable(
+    maker: Any,
+) -> None:
+    seen: list[Any] = []
+    marker = object()
+
+    def server_send(message: Any) -> Any:
+        seen.append(message)
+        return marker
+
+    scope = {"type": "http", "method": "GET", "path": "/x"}
+    owner, send = _new_owner(maker, scope, server_send)
+    assert owner.busy == 0.0 and owner.status == 0 and owner.ended == 0.0
+    start = {"type": "http.response.start", "status": 201, "headers": []}
+    assert send(start) is marker
+    assert owner.status == 201 and owner.ended == 0.0
+    part = {"type": "http.response.body", "body": b"a", "more_body": True}
+    assert send(part) is marker and owner.ended == 0.0
+    before = time.perf_counter()
+    last = {"type": "http.response.body", "body": b"b"}
+    assert send(last) is marker
+    assert before <= owner.ended <= time.perf_counter()
+    assert seen == [start, part, last]  # the very same objects, unchanged
+    assert start == {"type": "http.response.start", "status": 201, "headers": []}
+
+
+@pytest.mark.parametrize("maker", _owner_makers())
+def test_owner_as_send_leaves_odd_messages_to_the_server(maker: Any) -> None:
+    """Whatever the app sends, the server's send sees it and answers as without loopwatch."""
+    seen: list[Any] = []
+
+    def server_send(message: Any) -> Any:
+        seen.append(message)
+        if not isinstance(message, dict) or "type" not in message:
+            raise KeyError("type")
+        return None
+
+    owner, send = _new_owner(maker, {"method": "GET"}, server_send)
+    if maker == "c":  # the C twin never raises on its own; the server's send does
+        with pytest.raises(KeyError):
+            send({})
+        send({"type": "http.response.start"})  # no status: noted as none
+        assert owner.status == 0
+        send({"type": "http.response.start", "status": "200"})
+        assert owner.status == 0
+    assert send({"type": "websocket.send", "text": "x"}) is None
+    assert seen[-1] == {"type": "websocket.send", "text": "x"}
+
+
+def test_c_owner_is_charged_by_the_hooks_and_labels_itself() -> None:
+    c = _c()
+    scope = {"type": "http", "method": "BREW", "path": "/pot", "root_path": ""}
+    owner = c.new_owner(scope, "", None)
+    owner.busy += 0.25
+    assert owner.busy == 0.25
+    assert owner.labels() == ("_OTHER", "<unmatched>")
+    assert "busy=0.25" in repr(owner)
+    assert {owner: 1}[owner] == 1  # hashable (the middleware keeps owners in a set)
+
+
+# -- the step hooks --------------------------------------------------------------------------
+
+class FakeMonitor:
+    """What the hooks touch on a Monitor, recorded."""
+
+    def __init__(self, threshold: float = 10.0) -> None:
+        self.step_start = 0.0
+        self.busy = 0.0
+        self.threshold = threshold
+        self.blocks: list[tuple[float, float, Any, Any]] = []
+        self.starts_seen: list[float] = []
+
+    def on_block(self, t0: float, dt: float, owner: Any, callback: Any) -> None:
+        self.blocks.append((t0, dt, owner, callback))
+
+
+def _timed_makers() -> list[Any]:
+    return [pytest.param(_hooks._py_timed, id="python"), pytest.param("c", id="c")]
+
+
+def _timed(maker: Any, coro: Any, monitor: Any) -> Any:
+    make = _c().timed if maker == "c" else maker
+    return make(coro, monitor)
+
+
+@types.coroutine
+def _yield(value: Any = None) -> Any:
+    return (yield value)
+
+
+@pytest.mark.parametrize("maker", _timed_makers())
+def test_timed_coroutine_runs_and_charges_each_step(maker: Any) -> None:
+    monitor = FakeMonitor(threshold=0.015)
+    owner = Owner("GET", "/x")
+
+    async def body() -> str:
+        monitor.starts_seen.append(monitor.step_start)
+        got = await _yield("first")
+        time.sleep(0.02)  # a block in the second step
+        await _yield("second")
+        return f"done {got}"
+
+    async def drive() -> Any:  # as a task would, inside a running loop
+        ctx = contextvars.copy_context()
+        ctx.run(current_owner.set, owner)
+        timed = _timed(maker, body(), monitor)
+        assert ctx.run(timed.send, None) == "first"
+        assert monitor.starts_seen[0] > 0 and monitor.step_start == 0.0
+        assert ctx.run(timed.send, 42) == "second"
+        with pytest.raises(StopIteration) as stop:
+            ctx.run(timed.send, None)
+        assert stop.value.value == "done 42"
+        return asyncio.current_task()
+
+    driver = asyncio.run(drive())
+    assert 0.02 <= owner.busy == pytest.approx(monitor.busy, abs=1e-9)
+    assert len(monitor.blocks) == 1
+    assert monitor.blocks[0][3] is driver  # the block names the task that ran the step
+    t0, dt, blamed, _task = monitor.blocks[0]
+    assert blamed is owner and dt >= 0.02
+
+
+@pytest.mark.parametrize("maker", _timed_makers())
+def test_timed_coroutine_delegates_throw_close_and_introspection(maker: Any) -> None:
+    monitor = FakeMonitor()
+
+    async def body() -> None:
+        try:
+            await _yield()
+        except ValueError as exc:
+            await _yield(f"caught {exc}")
+        await _yield("again")
+
+    coro = body()
+    timed = _timed(maker, coro, monitor)
+    assert timed.wrapped() is coro
+    assert timed.cr_frame is coro.cr_frame and timed.__qualname__ == coro.__qualname__
+    assert repr(timed) == repr(coro)
+    timed.send(None)
+    assert timed.throw(ValueError("x")) == "caught x"
+    timed.close()
+    assert coro.cr_frame is None  # closed
+    with pytest.raises(AttributeError):
+        timed.no_such_attribute  # noqa: B018
+
+
+@pytest.mark.parametrize("maker", _timed_makers())
+def test_timed_coroutine_passes_exceptions_through(maker: Any) -> None:
+    monitor = FakeMonitor()
+
+    async def body() -> None:
+        raise LookupError("from the app")
+
+    timed = _timed(maker, body(), monitor)
+    with pytest.raises(LookupError, match="from the app"):
+        timed.send(None)
+    assert monitor.step_start == 0.0 and monitor.busy > 0
+
+
+def test_c_timed_coroutine_runs_as_a_task_with_the_c_fast_path() -> None:
+    """A Task takes the C TimedCoroutine (it is a Coroutine) and steps it by am_send."""
+    c = _c()
+    monitor = FakeMonitor()
+
+    async def child(n: int) -> int:
+        for _ in range(n):
+            await asyncio.sleep(0)
+        return n
+
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        tasks = [asyncio.Task(c.timed(child(i), monitor), loop=loop) for i in range(5)]
+        return list(await asyncio.gather(*tasks))
+
+    assert asyncio.run(main()) == [0, 1, 2, 3, 4]
+    assert monitor.busy > 0
+
+
+def test_c_accounting_failure_never_changes_the_step() -> None:
+    """A monitor whose accounting raises: the step's result still comes through, the
+    failure is reported as unraisable (never raised into the app)."""
+    c = _c()
+
+    class Broken(FakeMonitor):
+        def on_block(self, *args: Any) -> None:
+            raise RuntimeError("sink broke")
+
+    monitor = Broken(threshold=0.0)
+    caught: list[Any] = []
+
+    async def body() -> str:
+        return "fine"
+
+    async def drive() -> Any:
+        with pytest.raises(StopIteration) as stop:
+            c.timed(body(), monitor).send(None)
+        return stop.value.value
+
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = caught.append
+    try:
+        assert asyncio.run(drive()) == "fine"
+    finally:
+        sys.unraisablehook = old_hook
+    assert len(caught) == 1 and isinstance(caught[0].exc_value, RuntimeError)
+
+
+def _run_hooks() -> list[Any]:
+    return [pytest.param(_hooks._py_timed_run, id="python"), pytest.param("c", id="c")]
+
+
+class StateMonitor(StepState, FakeMonitor):  # type: ignore[misc]
+    """A FakeMonitor on the StepState base, as Monitor is (the C hooks' direct path)."""
+
+
+@pytest.mark.parametrize("monitor_type", [FakeMonitor, StateMonitor])
+@pytest.mark.parametrize("hook", _run_hooks())
+def test_handle_run_hook_times_the_callback_and_charges_its_context(
+    hook: Any, monitor_type: type,
+) -> None:
+    run = _c().handle_run(asyncio.events.Handle) if hook == "c" else hook
+    loop = asyncio.new_event_loop()
+    try:
+        monitor = monitor_type(threshold=0.015)
+        owner = Owner("GET", "/h")
+        ctx = contextvars.copy_context()
+        ctx.run(current_owner.set, owner)
+        calls: list[Any] = []
+
+        def callback(x: int) -> None:
+            calls.append((x, monitor.step_start))
+            time.sleep(0.02)
+
+        handle = asyncio.Handle(callback, (7,), loop, context=ctx)
+        loop._loopwatch_monitor = monitor  # type: ignore[attr-defined]
+        run(handle)
+        assert calls[0][0] == 7 and calls[0][1] > 0 and monitor.step_start == 0.0
+        assert owner.busy >= 0.02 and owner.busy == pytest.approx(monitor.busy, abs=1e-9)
+        assert monitor.blocks[0][2] is owner and monitor.blocks[0][3] is callback
+
+        # Not watched: the callback runs, nothing is charged.
+        loop._loopwatch_monitor = None  # type: ignore[attr-defined]
+        busy = monitor.busy
+        run(asyncio.Handle(lambda *a: calls.append(a), (1, 2, 3), loop))
+        assert calls[-1] == (1, 2, 3) and monitor.busy == busy
+    finally:
+        del loop._loopwatch_monitor  # type: ignore[attr-defined]
+        loop.close()
+
+
+def _failing_handle_reports(run: Any, watched: bool) -> tuple[dict[str, Any], Any]:
+    """The exception-handler context the loop gets for a callback that raises."""
+    loop = asyncio.new_event_loop()
+    try:
+        if watched:
+            loop._loopwatch_monitor = StateMonitor()  # type: ignore[attr-defined]
+        errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+
+        def broken_callback(x: int) -> None:
+            raise ZeroDivisionError(f"bad {x}")
+
+        ctx = contextvars.copy_context()
+        handle = asyncio.Handle(broken_callback, (5,), loop, context=ctx)
+        run(handle)
+        assert handle._context is ctx  # type: ignore[attr-defined]  # put back
+        (context,) = errors
+        return context, handle
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("hook", _run_hooks())
+@pytest.mark.parametrize("watched", [True, False])
+def test_handle_run_hook_reports_a_failing_callback_exactly_as_asyncio(
+    hook: Any, watched: bool,
+) -> None:
+    run = _c().handle_run(asyncio.events.Handle) if hook == "c" else hook
+    ours, handle = _failing_handle_reports(run, watched)
+    original, original_handle = _failing_handle_reports(_hooks._original_run, False)
+    assert ours["handle"] is handle
+    assert ours["message"] == original["message"].replace(
+        hex(id(original_handle)), hex(id(handle)))
+    assert ours.keys() == original.keys()
+    exc = ours["exception"]
+    assert isinstance(exc, ZeroDivisionError) and str(exc) == "bad 5"
+    names = [f.name for f in traceback.extract_tb(exc.__traceback__)]
+    expected = [f.name for f in traceback.extract_tb(
+        original["exception"].__traceback__)]
+    assert names == expected == ["_run", "broken_callback"]
+
+
+@pytest.mark.parametrize("hook", _run_hooks())
+def test_handle_run_hook_lets_system_exit_through(hook: Any) -> None:
+    run = _c().handle_run(asyncio.events.Handle) if hook == "c" else hook
+    loop = asyncio.new_event_loop()
+    try:
+        loop._loopwatch_monitor = StateMonitor()  # type: ignore[attr-defined]
+
+        def leave() -> None:
+            raise SystemExit(3)
+
+        with pytest.raises(SystemExit):
+            run(asyncio.Handle(leave, (), loop))
+    finally:
+        loop.close()
+
+
+def test_c_task_factory_times_plain_coroutines_and_defers_the_rest() -> None:
+    c = _c()
+    monitor = StateMonitor()
+    monitor.active = True
+    deferred: list[Any] = []
+
+    def fallback(loop: Any, coro: Any, **kwargs: Any) -> Any:
+        deferred.append(coro)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    factory = c.TaskFactory(monitor, fallback, asyncio.Task)
+    assert factory.fallback is fallback
+
+    async def work(n: int) -> int:
+        await asyncio.sleep(0)
+        return n * 2
+
+    @types.coroutine
+    def generator_based() -> Any:
+        yield
+        return "gen"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(factory)
+        coro = work(21)
+        task = loop.create_task(coro)
+        assert type(task) is asyncio.Task and task.get_coro() is coro
+        assert await task == 42 and not deferred
+        gen = generator_based()
+        assert await loop.create_task(gen) == "gen" and deferred == [gen]
+        # A context= (uvloop passes context=None with every task) goes to the Task.
+        ctx = contextvars.copy_context()
+        ctx.run(current_owner.set, Owner("GET", "/ctx"))
+
+        async def owner_route() -> Any:
+            return current_owner.get().route  # type: ignore[union-attr]
+
+        assert await loop.create_task(owner_route(), context=ctx) == "/ctx"
+        assert await factory(loop, work(1), context=None) == 2
+        assert len(deferred) == 1
+        odd = work(1)
+        with pytest.raises(TypeError):
+            factory(loop, odd, bogus=1)  # the fallback's answer (here: Task's) to the unknown
+        assert deferred[-1] is odd
+        odd.close()
+        monitor.active = False
+        idle = work(2)
+        assert await loop.create_task(idle) == 4 and deferred[-1] is idle
+        loop.set_task_factory(None)
+
+    busy_before = monitor.busy
+    asyncio.run(main())
+    assert monitor.busy > busy_before
+
+
+# -- the pure-Python path, end to end ---------------------------------------------------------
+
+def test_pure_python_path_end_to_end() -> None:
+    """The middleware and monitor suites again, with LOOPWATCH_PURE_PYTHON=1 (the path of an
+    install without a compiler), in a fresh interpreter."""
+    env = {**os.environ, "LOOPWATCH_PURE_PYTHON": "1"}
+    check = subprocess.run(
+        [sys.executable, "-c", "from loopwatch._accel import StepState, speedups; print(speedups)"],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    assert check.stdout.strip() == "None"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+         "tests/test_middleware.py", "tests/test_monitor.py", "tests/test_metrics.py",
+         "-k", "not pure_python"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, tail
