@@ -3,7 +3,7 @@
     python benchmarks/run_all.py [--quick] [--only overhead,accuracy,...] [--no-report]
 
 Writes benchmarks/results/*.json, docs/img/*.png and the generated figures section of
-docs/performance.md. The full run takes ~20 minutes on a 2-core machine, ``--quick`` ~5.
+docs/performance.md. The full run takes ~30 minutes on a 2-core machine, ``--quick`` ~5.
 
 Timing-sensitive benchmarks run one after another with nothing else of ours running:
 in-process overhead, wrk, monitor cost, accuracy, the headline. Then those whose results do
@@ -30,7 +30,7 @@ from _common import BENCH, ROOT, loadavg, log, write_result  # noqa: E402
 
 FULL: dict[str, list[str]] = {
     "overhead": ["--requests", "3000", "--rounds", "15"],
-    "wrk_overhead": ["--rounds", "3", "--seconds", "10"],
+    "wrk_overhead": ["--rounds", "7", "--seconds", "10"],
     "monitor_cost": ["--rounds", "5", "--idle-seconds", "3"],
     "accuracy": ["--reps", "5", "--cpu-reps", "2", "--mixed-seconds", "20",
                  "--saturate-seconds", "10"],

@@ -2,17 +2,22 @@
  *
  * What runs for every loop step and every request, and nothing else:
  *
- *   handle_run(Handle)     a method descriptor that replaces asyncio's Handle._run: times
- *                          the original Handle._run (called as is, with all its error
- *                          handling) and charges the step (asyncio)
+ *   handle_run(Handle)     a method descriptor that replaces asyncio's Handle._run. It runs
+ *                          the handle's one-line body itself (context.run(callback, *args))
+ *                          and times it; an exception from the callback is handed to the
+ *                          original Handle._run, which reports it exactly as always (asyncio)
+ *   StepState              the base of Monitor: the fields every step writes, as C doubles
  *   TimedCoroutine         wraps a task's coroutine and times each step through the
  *                          am_send slot, so the C Task keeps its fast path (uvloop)
+ *   TaskFactory            makes those tasks for plain coroutines; all else goes to the
+ *                          pure-Python factory (uvloop)
  *   RequestOwner           one request's owner: loop time, status, end of body; calling it
  *                          is the request's ASGI send (it notes the status and the end)
  *   Totals                 running totals of one (method, route): bucket counts and sums
  *
- * Each does exactly what its pure-Python twin in _hooks.py, _middleware.py and _metrics.py
- * does; the tests run both.
+ * Each does what its pure-Python twin in _hooks.py, _accel.py, _middleware.py and
+ * _metrics.py does; tests/test_speedups.py runs both on the same inputs. Unlike the twins,
+ * a failure inside the C accounting is reported as unraisable, never raised into the step.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
