@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import BENCH, ROOT, loadavg, log, write_result  # noqa: E402
 
 FULL: dict[str, list[str]] = {
-    "overhead": ["--requests", "3000", "--rounds", "15"],
+    "overhead": ["--requests", "3000", "--rounds", "25"],
     "wrk_overhead": ["--rounds", "7", "--seconds", "10"],
     "monitor_cost": ["--rounds", "5", "--idle-seconds", "3"],
     "accuracy": ["--reps", "5", "--cpu-reps", "2", "--mixed-seconds", "20",

@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from ._accel import speedups
 from ._metrics import flush_all
 from ._monitor import get_monitor
 
@@ -201,12 +202,14 @@ class _EventsApp:
                     return
                 n = int(value)
         monitor = get_monitor()
+        hot_path = "python" if speedups is None else "c"
         if monitor is None:
-            payload: dict[str, Any] = {"monitoring": False, "events": []}
+            payload: dict[str, Any] = {"monitoring": False, "hot_path": hot_path, "events": []}
         else:
             events = list(monitor.blocks)[-n:]
             payload = {
                 "monitoring": monitor.active,
+                "hot_path": hot_path,
                 "block_threshold": monitor.config.block_threshold,
                 "block_count": monitor.block_count,
                 "events": [e.as_dict() for e in events],

@@ -331,6 +331,13 @@ run_handle(PyObject *handle)
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     PyErr_NormalizeException(&type, &value, &tb);
+    if (value == NULL) { /* a callable that failed without an exception: SystemError */
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        Py_DECREF(ctx);
+        PyErr_SetString(PyExc_SystemError, "Handle callback failed without an exception");
+        return NULL;
+    }
     if (tb != NULL) {
         PyException_SetTraceback(value, tb);
     }
@@ -379,9 +386,10 @@ timed_run(PyObject *handle, PyObject *Py_UNUSED(ignored))
         return run_handle(handle);
     }
     double t0;
-    if (start_step(mon, &t0) < 0) {
+    if (start_step(mon, &t0) < 0) { /* never the app's problem: run it untimed */
+        PyErr_WriteUnraisable(mon);
         Py_DECREF(mon);
-        return NULL;
+        return run_handle(handle);
     }
     PyObject *result = run_handle(handle);
     double dt = elapsed(t0);
@@ -446,9 +454,9 @@ tc_am_send(TimedCoroutine *self, PyObject *arg, PyObject **result)
 {
     PyObject *mon = self->monitor;
     double t0;
-    if (start_step(mon, &t0) < 0) {
-        *result = NULL;
-        return PYGEN_ERROR;
+    if (start_step(mon, &t0) < 0) { /* never the app's problem: run it untimed */
+        PyErr_WriteUnraisable(mon);
+        return PyIter_Send(self->coro, arg, result);
     }
     PySendResult status = PyIter_Send(self->coro, arg, result);
     double dt = elapsed(t0);
@@ -489,9 +497,11 @@ tc_throw(TimedCoroutine *self, PyObject *args)
         return NULL;
     }
     double t0;
-    if (start_step(mon, &t0) < 0) {
+    if (start_step(mon, &t0) < 0) { /* never the app's problem: run it untimed */
+        PyErr_WriteUnraisable(mon);
+        PyObject *untimed = PyObject_Call(throw, args, NULL);
         Py_DECREF(throw);
-        return NULL;
+        return untimed;
     }
     PyObject *result = PyObject_Call(throw, args, NULL);
     Py_DECREF(throw);

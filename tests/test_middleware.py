@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import string
 import time
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from loopwatch._accel import speedups
 from loopwatch._metrics import metrics_for
 from tests.apps import sample
 from tests.servers import RunningServer, free_port, serve_in_subprocess, serve_in_thread
@@ -404,6 +406,9 @@ def test_without_lifespan_the_monitor_starts_on_the_first_request(loop_kind: str
         assert httpx.get(f"{server.url}/a", timeout=10).status_code == 200
         events = httpx.get(f"{server.url}/loopwatch/events/").json()
     assert events["monitoring"] is True
+    # Which hot path runs: C where the extension was built, unless LOOPWATCH_PURE_PYTHON=1.
+    pure = os.environ.get("LOOPWATCH_PURE_PYTHON") == "1"
+    assert events["hot_path"] == ("python" if pure or speedups is None else "c")
     assert [e["route"] for e in events["events"]] == ["/a"]
     assert value(registry, "loopwatch_requests_total", method="GET", route="/a", status="200") == 1
 
