@@ -82,6 +82,34 @@ _new_owner: Callable[[Scope, str, Send], Any] = (
 )
 #: Whether the owner itself is the request's send (C), or its send_wrapper (pure Python).
 _OWNER_IS_SEND = speedups is not None
+
+
+def _py_finish(
+    owner: _RequestOwner, monitor: Monitor | None, start: float,
+    cache: dict[tuple[str, int], tuple[Any, Any]], scope: Scope, root_path: str,
+) -> tuple[int, float, float] | None:
+    """A request's last moment, in its last step: its loop time, recorded in the running
+    totals ``cache`` holds for its (method, id(route)). None when recorded, else (status,
+    duration, blocking) for the caller to record. ``_speedups.finish`` is its C twin."""
+    now = _clock()
+    # Charge the step still running too (a handler that blocks and returns without another
+    # await would otherwise be charged nothing; nor would background tasks run after the
+    # body was sent, in the same step).
+    blocking = monitor.note_finished(owner, now) if monitor is not None else owner.busy
+    status = owner.status or 500
+    duration = (owner.ended or now) - start
+    route = scope.get("route")
+    if scope.get("root_path", "") == root_path:
+        entry = cache.get((scope["method"], id(route)))
+        if entry is not None and entry[0] is route:
+            entry[1].add(status, duration, blocking)
+            return None
+    return status, duration, blocking
+
+
+_finish: Callable[..., tuple[int, float, float] | None] = (
+    _py_finish if speedups is None else speedups.finish
+)
 #: Entries of a middleware's (raw method, id(route)) -> (route, series) cache, at most.
 _FAST_LIMIT = 10_000
 
@@ -140,9 +168,10 @@ class LoopWatchMiddleware:
         self._excluded_prefixes = tuple(p.rstrip("/") + "/" for p in self.exclude_paths)
         self.metrics: LoopWatchMetrics = metrics_for(registry)
         self.monitor: Monitor | None = None
-        #: Request totals by label, and a cache by (raw method, id(route)) in front of it.
+        #: Request totals by label, and a cache by (raw method, id(route)) in front of it
+        #: (of the route object and the series' running totals).
         self._by_label: dict[tuple[str, str], RequestSeries] = {}
-        self._fast: dict[tuple[str, int], tuple[Any, RequestSeries]] = {}
+        self._fast: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._in_flight: set[Any] = set()  # request owners
         self._limiter: Any = None
         self._errors_logged = False
@@ -192,22 +221,9 @@ class LoopWatchMiddleware:
         finally:
             in_flight.discard(owner)
             try:
-                now = _clock()
-                monitor = self.monitor
-                # Charge the step still running too (a handler that blocks and returns
-                # without another await would otherwise be charged nothing; nor would
-                # background tasks run after the body was sent, in the same step).
-                blocking = (monitor.note_finished(owner, now) if monitor is not None
-                            else owner.busy)
-                route = scope.get("route")
-                entry = None
-                if scope.get("root_path", "") == root_path:
-                    entry = self._fast.get((scope["method"], id(route)))
-                if entry is not None and entry[0] is route:
-                    series = entry[1]
-                else:
-                    series = self._series_for(scope, root_path)
-                series.add(owner.status or 500, (owner.ended or now) - start, blocking)
+                missed = _finish(owner, self.monitor, start, self._fast, scope, root_path)
+                if missed is not None:  # the first request of its (method, route)
+                    self._series_for(scope, root_path).add(*missed)
             except Exception:  # noqa: BLE001 - never break the app we watch
                 self._internal_error("recording a request")
             _reset_owner(token)
@@ -224,7 +240,7 @@ class LoopWatchMiddleware:
         if (raw == method and scope.get("root_path", "") == root_path
                 and len(self._fast) < _FAST_LIMIT):
             matched = scope.get("route")
-            self._fast[(raw, id(matched))] = (matched, series)
+            self._fast[(raw, id(matched))] = (matched, series.totals)
         return series
 
     # -- lifespan -------------------------------------------------------------------------

@@ -14,6 +14,7 @@
  *   RequestOwner           one request's owner: loop time, status, end of body; calling it
  *                          is the request's ASGI send (it notes the status and the end)
  *   Totals                 running totals of one (method, route): bucket counts and sums
+ *   finish()               a request's end: its loop time and its record in those totals
  *
  * Each does what its pure-Python twin in _hooks.py, _accel.py, _middleware.py and
  * _metrics.py does; tests/test_speedups.py runs both on the same inputs. Unlike the twins,
@@ -35,7 +36,7 @@ static PyObject *zero_float;
 static PyObject *s_step_start, *s_busy, *s_threshold, *s_on_block, *s_monitor_attr,
     *s_loop, *s_context, *s_callback, *s_get, *s_type, *s_status, *s_more_body,
     *s_response_start, *s_close, *s_throw, *s_await, *s_run, *s_args, *s_wrapped, *s_get_coro,
-    *s_context_kw, *kw_loop, *kw_loop_context;
+    *s_context_kw, *kw_loop, *kw_loop_context, *s_closing, *s_route, *s_root_path, *s_method;
 
 /* The clock of time.perf_counter(), as the watchdog thread reads it. */
 #if defined(__linux__)
@@ -1052,6 +1053,39 @@ bucket(const double *bounds, Py_ssize_t n, double x)
     return i;
 }
 
+/* Record one finished request (loop thread). */
+static int
+totals_record(Totals *self, long status, double duration, double blocking)
+{
+    if (status >= STATUS_MIN && status <= STATUS_MAX) {
+        self->statuses[status - STATUS_MIN]++;
+    }
+    else {
+        PyObject *key = PyLong_FromLong(status);
+        if (key == NULL) {
+            return -1;
+        }
+        PyObject *n = PyDict_GetItemWithError(self->other_statuses, key);
+        PyObject *grown = NULL;
+        if (n != NULL || !PyErr_Occurred()) {
+            grown = PyLong_FromLongLong(n == NULL ? 1 : PyLong_AsLongLong(n) + 1);
+        }
+        if (grown == NULL || PyDict_SetItem(self->other_statuses, key, grown) < 0) {
+            Py_DECREF(key);
+            Py_XDECREF(grown);
+            return -1;
+        }
+        Py_DECREF(key);
+        Py_DECREF(grown);
+    }
+    self->duration_counts[bucket(self->duration_bounds, self->n_duration, duration)]++;
+    self->duration_sum += duration;
+    self->blocking_counts[bucket(self->blocking_bounds, self->n_blocking, blocking)]++;
+    self->blocking_sum += blocking;
+    self->count++;
+    return 0;
+}
+
 /* add(status, duration, blocking): record one finished request (loop thread). */
 static PyObject *
 totals_add(Totals *self, PyObject *const *args, Py_ssize_t nargs)
@@ -1072,26 +1106,9 @@ totals_add(Totals *self, PyObject *const *args, Py_ssize_t nargs)
     if (blocking == -1.0 && PyErr_Occurred()) {
         return NULL;
     }
-    if (status >= STATUS_MIN && status <= STATUS_MAX) {
-        self->statuses[status - STATUS_MIN]++;
+    if (totals_record(self, status, duration, blocking) < 0) {
+        return NULL;
     }
-    else {
-        PyObject *n = PyDict_GetItemWithError(self->other_statuses, args[0]);
-        if (n == NULL && PyErr_Occurred()) {
-            return NULL;
-        }
-        PyObject *grown = PyLong_FromLongLong(n == NULL ? 1 : PyLong_AsLongLong(n) + 1);
-        if (grown == NULL || PyDict_SetItem(self->other_statuses, args[0], grown) < 0) {
-            Py_XDECREF(grown);
-            return NULL;
-        }
-        Py_DECREF(grown);
-    }
-    self->duration_counts[bucket(self->duration_bounds, self->n_duration, duration)]++;
-    self->duration_sum += duration;
-    self->blocking_counts[bucket(self->blocking_bounds, self->n_blocking, blocking)]++;
-    self->blocking_sum += blocking;
-    self->count++;
     Py_RETURN_NONE;
 }
 
@@ -1174,6 +1191,96 @@ static PyTypeObject TotalsType = {
     .tp_members = totals_members,
 };
 
+/* -- the end of a request ------------------------------------------------------------------ */
+
+/* finish(owner, monitor, start, cache, scope, root_path): a request's last moment, in its
+ * last step. Its loop time includes the step still running (as Monitor.note_finished, which
+ * also remembers the owner for a block event of that step); then it is added to the running
+ * totals that `cache` holds for its (method, id(route)), if any. Returns None when recorded,
+ * else (status, duration, blocking) for the caller to record after looking the totals up.
+ * The twin of _middleware._py_finish. */
+static PyObject *
+finish(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || !Py_IS_TYPE(args[0], &RequestOwnerType) || !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "finish() takes (RequestOwner, monitor, start, dict, dict, root_path)");
+        return NULL;
+    }
+    RequestOwner *owner = (RequestOwner *)args[0];
+    PyObject *mon = args[1], *cache = args[3], *scope = args[4], *root_path = args[5];
+    double start = PyFloat_AsDouble(args[2]);
+    if (start == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    double t = now();
+    if (NOW_FAILED(t)) {
+        return NULL;
+    }
+    double blocking = owner->busy;
+    StepState *state = mon == Py_None ? NULL : AS_STATE(mon);
+    if (state == NULL && mon != Py_None) {
+        PyErr_SetString(PyExc_TypeError, "finish() takes a Monitor or None");
+        return NULL;
+    }
+    if (state != NULL && state->step_start != 0.0) {
+        PyObject *closing = Py_BuildValue("(dO)", state->step_start, (PyObject *)owner);
+        if (closing == NULL || PyObject_SetAttr(mon, s_closing, closing) < 0) {
+            Py_XDECREF(closing);
+            return NULL;
+        }
+        Py_DECREF(closing);
+        blocking += t - state->step_start;
+    }
+    long status = owner->status ? owner->status : 500;
+    double duration = (owner->ended != 0.0 ? owner->ended : t) - start;
+    if (!PyDict_Check(scope)) { /* a scope that is some other mapping: the caller's lookup */
+        return Py_BuildValue("(ldd)", status, duration, blocking);
+    }
+
+    PyObject *route = PyDict_GetItemWithError(scope, s_route);
+    if (route == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        route = Py_None;
+    }
+    PyObject *scope_root = PyDict_GetItemWithError(scope, s_root_path);
+    PyObject *method = PyDict_GetItemWithError(scope, s_method);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    int same_root = scope_root == NULL
+        ? PyUnicode_Check(root_path) && PyUnicode_GET_LENGTH(root_path) == 0
+        : PyObject_RichCompareBool(scope_root, root_path, Py_EQ);
+    if (same_root < 0) {
+        return NULL;
+    }
+    if (same_root && method != NULL) {
+        PyObject *id = PyLong_FromVoidPtr(route);
+        PyObject *key = id ? PyTuple_Pack(2, method, id) : NULL;
+        Py_XDECREF(id);
+        if (key == NULL) {
+            return NULL;
+        }
+        PyObject *entry = PyDict_GetItemWithError(cache, key);
+        Py_DECREF(key);
+        if (entry == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2 &&
+                PyTuple_GET_ITEM(entry, 0) == route &&
+                Py_IS_TYPE(PyTuple_GET_ITEM(entry, 1), &TotalsType)) {
+            if (totals_record((Totals *)PyTuple_GET_ITEM(entry, 1), status, duration,
+                              blocking) < 0) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+    }
+    return Py_BuildValue("(ldd)", status, duration, blocking);
+}
+
 /* -- module ------------------------------------------------------------------------------- */
 
 static PyObject *
@@ -1217,6 +1324,8 @@ static PyMethodDef module_methods[] = {
      "timed(coro, monitor): a TimedCoroutine."},
     {"new_owner", (PyCFunction)(void (*)(void))new_owner, METH_FASTCALL,
      "new_owner(scope, root_path, send): a RequestOwner."},
+    {"finish", (PyCFunction)(void (*)(void))finish, METH_FASTCALL,
+     "finish(owner, monitor, start, cache, scope, root_path): record a finished request."},
     {"clock", clock_now, METH_NOARGS, "The clock the hot path reads (time.perf_counter)."},
     {NULL},
 };
@@ -1257,6 +1366,10 @@ PyInit__speedups(void)
     INTERN(s_wrapped, "wrapped");
     INTERN(s_get_coro, "get_coro");
     INTERN(s_context_kw, "context");
+    INTERN(s_closing, "_closing");
+    INTERN(s_route, "route");
+    INTERN(s_root_path, "root_path");
+    INTERN(s_method, "method");
     if ((kw_loop = Py_BuildValue("(s)", "loop")) == NULL ||
             (kw_loop_context = Py_BuildValue("(ss)", "loop", "context")) == NULL) {
         return NULL;

@@ -579,3 +579,55 @@ def test_c_hot_path_leaks_no_references() -> None:
     after = (sys.getrefcount(monitor), sys.getrefcount(result), sys.getrefcount(scope),
              sys.getrefcount(server_send), sys.getrefcount(error))
     assert after == before
+
+
+# -- the end of a request -------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["python", "c"])
+def test_finish_records_into_cached_totals_or_hands_back_what_to_record(impl: Any) -> None:
+    from loopwatch._monitor import Monitor
+
+    if impl == "c":
+        c = _c()
+        finish, new_totals = c.finish, c.Totals
+        new = c.new_owner
+    else:
+        finish, new_totals = _middleware._py_finish, _metrics.Totals
+        new = _middleware._py_new_owner
+    route = object()
+    scope: dict[str, Any] = {"type": "http", "method": "GET", "path": "/r", "route": route}
+    totals = new_totals(BOUNDS_D, BOUNDS_B)
+    cache: dict[Any, Any] = {("GET", id(route)): (route, totals)}
+    monitor = Monitor()
+    owner = new(scope, "", None)
+    owner.busy = 0.002
+    owner.status = 201
+    start = time.perf_counter() - 0.02
+
+    # Cached, no step running: recorded with the owner's own loop time.
+    assert finish(owner, monitor, start, cache, scope, "") is None
+    d, b, d_sum, b_sum, statuses, count = totals.snapshot()
+    assert count == 1 and statuses == {201: 1}
+    assert 0.02 <= d_sum < 1.0 and b_sum == pytest.approx(0.002)
+
+    # A step still running: its time so far is charged, and the monitor remembers the owner.
+    monitor.step_start = time.perf_counter() - 0.005
+    owner.ended = start + 0.001
+    assert finish(owner, monitor, start, cache, scope, "") is None
+    d, b, d_sum2, b_sum2, statuses, count = totals.snapshot()
+    assert count == 2 and d_sum2 - d_sum == pytest.approx(0.001)
+    assert 0.007 <= b_sum2 - b_sum < 0.5
+    assert monitor._closing == (monitor.step_start, owner)
+    monitor.step_start = 0.0
+
+    # Not cached (another route, another root_path, no route): handed back.
+    owner.status = 0  # no response started: recorded as 500
+    for other_scope, root in ((dict(scope, route=object()), ""), (scope, "/api"),
+                              ({k: v for k, v in scope.items() if k != "route"}, "")):
+        missed = finish(owner, None, start, cache, other_scope, root)
+        assert missed is not None and missed[0] == 500 and missed[2] == pytest.approx(0.002)
+        assert missed[1] == pytest.approx(0.001)  # (ended - start)
+    assert totals.count == 2
+    # A scope that is another mapping: recorded (Python) or handed back (C), never lost.
+    missed = finish(owner, None, start, cache, types.MappingProxyType(scope), "")
+    assert (missed is None and totals.count == 3) or (missed and missed[0] == 500)
