@@ -52,7 +52,7 @@ def child(n: int) -> None:
     from loopwatch import _hooks
     from loopwatch._attribution import current_owner
     from loopwatch._accel import speedups
-    from loopwatch._middleware import LoopWatchMiddleware, _new_owner
+    from loopwatch._middleware import LoopWatchMiddleware, _finish, _new_owner
     from loopwatch._routes import method_label, route_label
 
     names: list[str] = []
@@ -208,6 +208,12 @@ def child(n: int) -> None:
                 assert entry is not None and entry[0] is r
 
     series = middleware.metrics.new_series("GET", "/bench")
+    finisher = new_owner()
+
+    def finish(k: int) -> None:  # the middleware's end of a request (cached totals)
+        t0 = time.perf_counter()
+        for _ in range(k):
+            assert _finish(finisher, monitor, t0, fast, scope, "") is None
 
     def series_add(k: int) -> None:
         add = series.add
@@ -247,6 +253,7 @@ def child(n: int) -> None:
         ("method_label + route_label (uncached)", labels),
         ("series cache lookup", series_lookup),
         ("RequestSeries.add", series_add),
+        ("finish (loop time, cache lookup, add)", finish),
         ("3 x perf_counter()", clocks),
     ):
         segment(name, fn)
@@ -294,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in list(rows):
         if name in ("request owner", "ContextVar set + reset",
                     "in-flight set add + discard", "method_label + route_label (uncached)",
-                    "series cache lookup", "RequestSeries.add", "3 x perf_counter()"):
+                    "series cache lookup", "RequestSeries.add", "3 x perf_counter()",
+                    "finish (loop time, cache lookup, add)"):
             rows[name] -= empty
     log(f"instructions per call (callgrind), loopwatch's hot path in {hot_path}:")
     for name, v in rows.items():
