@@ -55,14 +55,30 @@ class _RequestOwner(Owner):
     ended: float
 
     def labels(self) -> tuple[str | None, str | None]:
+        if self.route is not None:  # labelled when it finished
+            return self.method, self.route
         return method_label(self.scope["method"]), route_label(self.scope, self.root_path)
 
     def send_wrapper(self, message: Message) -> Awaitable[None]:
+        send = self.send
+        if send is None:
+            raise RuntimeError("ASGI send called after the application returned (loopwatch "
+                               "has released the request)")
         if message["type"] == "http.response.start":
             self.status = message["status"]
         elif not message.get("more_body", False):
             self.ended = _clock()
-        return self.send(message)
+        return send(message)
+
+    def release(self, method: str, route: str) -> None:
+        """Keep the labels, let go of the request: contexts copied during the request (a
+        keep-alive timer the server starts as the body goes out) keep the owner alive for
+        seconds, and with it, had it kept them, the scope and the server's send."""
+        self.method = method
+        self.route = route
+        self.scope = None  # type: ignore[assignment]
+        self.send = None  # type: ignore[assignment]
+        self.root_path = None  # type: ignore[assignment]
 
 
 def _py_new_owner(scope: Scope, root_path: str, send: Send) -> _RequestOwner:
@@ -74,6 +90,8 @@ def _py_new_owner(scope: Scope, root_path: str, send: Send) -> _RequestOwner:
     owner.send = send
     owner.status = 0
     owner.ended = 0.0
+    owner.method = None
+    owner.route = None
     return owner
 
 
@@ -103,12 +121,16 @@ def _py_finish(
         entry = cache.get((scope["method"], id(route)))
         if entry is not None and entry[0] is route:
             entry[1].add(status, duration, blocking)
+            owner.release(entry[2], entry[3])
             return None
     return status, duration, blocking
 
 
 _finish: Callable[..., tuple[int, float, float] | None] = (
     _py_finish if speedups is None else speedups.finish
+)
+_release: Callable[[Any, str, str], None] = (
+    _RequestOwner.release if speedups is None else speedups.release
 )
 #: Entries of a middleware's (raw method, id(route)) -> (route, series) cache, at most.
 _FAST_LIMIT = 10_000
@@ -223,7 +245,9 @@ class LoopWatchMiddleware:
             try:
                 missed = _finish(owner, self.monitor, start, self._fast, scope, root_path)
                 if missed is not None:  # the first request of its (method, route)
-                    self._series_for(scope, root_path).add(*missed)
+                    series = self._series_for(scope, root_path)
+                    series.add(*missed)
+                    _release(owner, series.method, series.route)
             except Exception:  # noqa: BLE001 - never break the app we watch
                 self._internal_error("recording a request")
             _reset_owner(token)
@@ -240,7 +264,7 @@ class LoopWatchMiddleware:
         if (raw == method and scope.get("root_path", "") == root_path
                 and len(self._fast) < _FAST_LIMIT):
             matched = scope.get("route")
-            self._fast[(raw, id(matched))] = (matched, series.totals)
+            self._fast[(raw, id(matched))] = (matched, series.totals, method, route)
         return series
 
     # -- lifespan -------------------------------------------------------------------------

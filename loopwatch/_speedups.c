@@ -791,6 +791,12 @@ ro_vectorcall(RequestOwner *self, PyObject *const *args, size_t nargsf, PyObject
         return PyObject_Vectorcall(self->send, args, nargsf, kwnames);
     }
     PyObject *message = args[0];
+    if (self->send == Py_None) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "ASGI send called after the application returned (loopwatch has "
+                        "released the request)");
+        return NULL;
+    }
     if (PyDict_CheckExact(message)) {
         PyObject *type = PyDict_GetItemWithError(message, s_type);
         if (type != NULL && PyUnicode_Check(type)) {
@@ -859,8 +865,8 @@ ro_new(PyTypeObject *Py_UNUSED(type), PyObject *args, PyObject *kwds)
 static PyObject *
 ro_labels(RequestOwner *self, PyObject *Py_UNUSED(ignored))
 {
-    if (labeler == NULL || labeler == Py_None) {
-        return PyTuple_Pack(2, self->method, self->route);
+    if (self->route != Py_None || labeler == NULL || labeler == Py_None) {
+        return PyTuple_Pack(2, self->method, self->route); /* labelled when it finished */
     }
     return PyObject_CallOneArg(labeler, (PyObject *)self);
 }
@@ -1193,11 +1199,38 @@ static PyTypeObject TotalsType = {
 
 /* -- the end of a request ------------------------------------------------------------------ */
 
+/* A finished request's owner keeps its labels and lets go of the request: contexts copied
+ * during the request (a keep-alive timer the server starts as the body goes out) keep the
+ * owner alive for seconds, and with it, had it kept them, the scope and the server's send
+ * with everything they reach. */
+static void
+release(RequestOwner *owner, PyObject *method, PyObject *route)
+{
+    Py_SETREF(owner->method, Py_NewRef(method));
+    Py_SETREF(owner->route, Py_NewRef(route));
+    Py_SETREF(owner->scope, Py_NewRef(Py_None));
+    Py_SETREF(owner->send, Py_NewRef(Py_None));
+    Py_SETREF(owner->root_path, Py_NewRef(Py_None));
+}
+
+/* release(owner, method, route), for the caller that looked the totals up itself */
+static PyObject *
+release_owner(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !Py_IS_TYPE(args[0], &RequestOwnerType)) {
+        PyErr_SetString(PyExc_TypeError, "release() takes (RequestOwner, method, route)");
+        return NULL;
+    }
+    release((RequestOwner *)args[0], args[1], args[2]);
+    Py_RETURN_NONE;
+}
+
 /* finish(owner, monitor, start, cache, scope, root_path): a request's last moment, in its
  * last step. Its loop time includes the step still running (as Monitor.note_finished, which
  * also remembers the owner for a block event of that step); then it is added to the running
- * totals that `cache` holds for its (method, id(route)), if any. Returns None when recorded,
- * else (status, duration, blocking) for the caller to record after looking the totals up.
+ * totals that `cache` holds for its (method, id(route)) as (route, totals, method label,
+ * route label), if any, and the owner is released. Returns None when recorded, else
+ * (status, duration, blocking) for the caller to record (and release) after the lookup.
  * The twin of _middleware._py_finish. */
 static PyObject *
 finish(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
@@ -1268,13 +1301,14 @@ finish(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         if (entry == NULL && PyErr_Occurred()) {
             return NULL;
         }
-        if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2 &&
+        if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 4 &&
                 PyTuple_GET_ITEM(entry, 0) == route &&
                 Py_IS_TYPE(PyTuple_GET_ITEM(entry, 1), &TotalsType)) {
             if (totals_record((Totals *)PyTuple_GET_ITEM(entry, 1), status, duration,
                               blocking) < 0) {
                 return NULL;
             }
+            release(owner, PyTuple_GET_ITEM(entry, 2), PyTuple_GET_ITEM(entry, 3));
             Py_RETURN_NONE;
         }
     }
@@ -1326,6 +1360,8 @@ static PyMethodDef module_methods[] = {
      "new_owner(scope, root_path, send): a RequestOwner."},
     {"finish", (PyCFunction)(void (*)(void))finish, METH_FASTCALL,
      "finish(owner, monitor, start, cache, scope, root_path): record a finished request."},
+    {"release", (PyCFunction)(void (*)(void))release_owner, METH_FASTCALL,
+     "release(owner, method, route): keep the labels, let go of the request."},
     {"clock", clock_now, METH_NOARGS, "The clock the hot path reads (time.perf_counter)."},
     {NULL},
 };
