@@ -295,17 +295,13 @@ static PyTypeObject ReraiserType = {
  * does (message, handle, source traceback): for that one call the handle's context is a
  * Reraiser that raises it again inside the original's try. */
 static PyObject *
-run_handle(PyObject *handle)
+run_handle(PyObject *handle, PyObject *ctx, PyObject *callback)
 {
     if (!inline_run) {
         return PyObject_CallOneArg(original_run, handle);
     }
-    PyObject *ctx = PyObject_GetAttr(handle, s_context);
-    PyObject *callback = ctx ? PyObject_GetAttr(handle, s_callback) : NULL;
-    PyObject *args = callback ? PyObject_GetAttr(handle, s_args) : NULL;
+    PyObject *args = PyObject_GetAttr(handle, s_args);
     if (args == NULL || !PyTuple_Check(args) || PyTuple_GET_SIZE(args) > 6) {
-        Py_XDECREF(ctx);
-        Py_XDECREF(callback);
         Py_XDECREF(args);
         PyErr_Clear();
         return PyObject_CallOneArg(original_run, handle);
@@ -318,11 +314,9 @@ run_handle(PyObject *handle)
         stack[i + 2] = PyTuple_GET_ITEM(args, i);
     }
     PyObject *result = PyObject_VectorcallMethod(s_run, stack, (size_t)(n + 2), NULL);
-    Py_DECREF(callback);
     Py_DECREF(args);
     if (result != NULL || PyErr_ExceptionMatches(PyExc_SystemExit) ||
             PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
-        Py_DECREF(ctx);
         if (result == NULL) {
             return NULL;
         }
@@ -335,7 +329,6 @@ run_handle(PyObject *handle)
     if (value == NULL) { /* a callable that failed without an exception: SystemError */
         Py_XDECREF(type);
         Py_XDECREF(tb);
-        Py_DECREF(ctx);
         PyErr_SetString(PyExc_SystemError, "Handle callback failed without an exception");
         return NULL;
     }
@@ -347,13 +340,11 @@ run_handle(PyObject *handle)
     Reraiser *reraiser = PyObject_New(Reraiser, &ReraiserType);
     if (reraiser == NULL) {
         Py_DECREF(value);
-        Py_DECREF(ctx);
         return NULL;
     }
     reraiser->exc = value; /* the reference from the fetch */
     if (PyObject_SetAttr(handle, s_context, (PyObject *)reraiser) < 0) {
         Py_DECREF(reraiser);
-        Py_DECREF(ctx);
         return NULL;
     }
     Py_DECREF(reraiser);
@@ -363,43 +354,43 @@ run_handle(PyObject *handle)
         PyErr_WriteUnraisable(handle);
     }
     PyErr_Restore(type, value, tb);
-    Py_DECREF(ctx);
     return result;
 }
 
 static PyObject *
 timed_run(PyObject *handle, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *mon = NULL;
-    PyObject *loop = PyObject_GetAttr(handle, s_loop);
-    if (loop != NULL) {
-        mon = PyObject_GetAttr(loop, s_monitor_attr);
-        Py_DECREF(loop);
+    /* The handle's fields, read once: for the run and for the accounting after it. */
+    PyObject *ctx = PyObject_GetAttr(handle, s_context);
+    PyObject *callback = ctx ? PyObject_GetAttr(handle, s_callback) : NULL;
+    PyObject *loop = callback ? PyObject_GetAttr(handle, s_loop) : NULL;
+    if (loop == NULL) { /* no Handle as asyncio makes them: the original's business */
+        Py_XDECREF(ctx);
+        Py_XDECREF(callback);
+        PyErr_Clear();
+        return PyObject_CallOneArg(original_run, handle);
     }
+    PyObject *mon = PyObject_GetAttr(loop, s_monitor_attr);
+    Py_DECREF(loop);
     if (mon == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            Py_DECREF(ctx);
+            Py_DECREF(callback);
             return NULL;
         }
         PyErr_Clear(); /* a Handle of a loop that is no BaseEventLoop */
     }
-    if (mon == NULL || mon == Py_None) {
-        Py_XDECREF(mon);
-        return run_handle(handle);
-    }
     double t0;
-    if (start_step(mon, &t0) < 0) { /* never the app's problem: run it untimed */
-        PyErr_WriteUnraisable(mon);
-        Py_DECREF(mon);
-        return run_handle(handle);
+    if (mon != NULL && mon != Py_None && start_step(mon, &t0) < 0) {
+        PyErr_WriteUnraisable(mon); /* never the app's problem: run it untimed */
+        Py_CLEAR(mon);
     }
-    PyObject *result = run_handle(handle);
-    double dt = elapsed(t0);
-
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyObject *owner = NULL, *callback = NULL;
-    PyObject *ctx = PyObject_GetAttr(handle, s_context);
-    if (ctx != NULL) {
+    PyObject *result = run_handle(handle, ctx, callback);
+    if (mon != NULL && mon != Py_None) {
+        double dt = elapsed(t0);
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyObject *owner = NULL;
         /* ctx.get(owner_var), without a method call: enter, read, leave */
         if (PyContext_CheckExact(ctx) && PyContext_Enter(ctx) == 0) {
             owner = current_owner_value();
@@ -411,16 +402,15 @@ timed_run(PyObject *handle, PyObject *Py_UNUSED(ignored))
             PyErr_Clear(); /* no Context, or one entered elsewhere */
             owner = PyObject_CallMethodOneArg(ctx, s_get, owner_var);
         }
-        Py_DECREF(ctx);
+        if (owner == NULL || account(mon, t0, dt, owner, callback) < 0) {
+            PyErr_WriteUnraisable(mon);
+        }
+        Py_XDECREF(owner);
+        PyErr_Restore(type, value, tb);
     }
-    if (owner == NULL || (callback = PyObject_GetAttr(handle, s_callback)) == NULL ||
-            account(mon, t0, dt, owner, callback) < 0) {
-        PyErr_WriteUnraisable(mon);
-    }
-    Py_XDECREF(owner);
-    Py_XDECREF(callback);
-    Py_DECREF(mon);
-    PyErr_Restore(type, value, tb);
+    Py_XDECREF(mon);
+    Py_DECREF(ctx);
+    Py_DECREF(callback);
     return result;
 }
 
@@ -450,6 +440,22 @@ typedef struct {
 
 static PyTypeObject TimedCoroutineType;
 
+/* After a task step that started at t0: charge it to the owner in the task's context. The
+ * step's result or exception goes on unchanged; a failure here is reported as unraisable. */
+static void
+end_task_step(PyObject *mon, double t0)
+{
+    double dt = elapsed(t0);
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *owner = current_owner_value();
+    if (owner == NULL || account(mon, t0, dt, owner, NULL) < 0) {
+        PyErr_WriteUnraisable(mon);
+    }
+    Py_XDECREF(owner);
+    PyErr_Restore(type, value, tb);
+}
+
 static PySendResult
 tc_am_send(TimedCoroutine *self, PyObject *arg, PyObject **result)
 {
@@ -460,15 +466,7 @@ tc_am_send(TimedCoroutine *self, PyObject *arg, PyObject **result)
         return PyIter_Send(self->coro, arg, result);
     }
     PySendResult status = PyIter_Send(self->coro, arg, result);
-    double dt = elapsed(t0);
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyObject *owner = current_owner_value();
-    if (owner == NULL || account(mon, t0, dt, owner, NULL) < 0) {
-        PyErr_WriteUnraisable(mon);
-    }
-    Py_XDECREF(owner);
-    PyErr_Restore(type, value, tb);
+    end_task_step(mon, t0);
     return status;
 }
 
@@ -506,15 +504,7 @@ tc_throw(TimedCoroutine *self, PyObject *args)
     }
     PyObject *result = PyObject_Call(throw, args, NULL);
     Py_DECREF(throw);
-    double dt = elapsed(t0);
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyObject *owner = current_owner_value();
-    if (owner == NULL || account(mon, t0, dt, owner, NULL) < 0) {
-        PyErr_WriteUnraisable(mon);
-    }
-    Py_XDECREF(owner);
-    PyErr_Restore(type, value, tb);
+    end_task_step(mon, t0);
     return result;
 }
 
