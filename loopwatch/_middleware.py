@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
@@ -197,10 +198,31 @@ class LoopWatchMiddleware:
         self._in_flight: set[Any] = set()  # request owners
         self._limiter: Any = None
         self._errors_logged = False
+        #: The C request path while the monitor runs (None: every call goes to _call).
+        self._serve: Any = None
 
     # -- ASGI -----------------------------------------------------------------------------
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """The ASGI app: an awaitable, as from any ``async def`` app.
+
+        While the monitor times this loop's steps, the C extension takes each request
+        (``_speedups.RequestPath``): a measured HTTP request is then one C object that does
+        what :meth:`_call` does, without a coroutine and a Python frame of its own; anything
+        else goes to :meth:`_call`, which is also the whole of the pure-Python path.
+        """
+        serve = self._serve
+        if serve is not None:
+            return serve(scope, receive, send)  # type: ignore[no-any-return]
+        return self._call(scope, receive, send)
+
+    # Servers and frameworks tell ASGI 3 apps by an async __call__ (uvicorn's interface
+    # detection, Starlette's is_async_callable): it is one, as far as they can see.
+    if hasattr(inspect, "markcoroutinefunction"):  # Python 3.12+
+        inspect.markcoroutinefunction(__call__)
+    __call__._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+
+    async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if self._config_error is not None:
             await self._refuse(kind, receive, send)
@@ -245,12 +267,20 @@ class LoopWatchMiddleware:
             try:
                 missed = _finish(owner, self.monitor, start, self._fast, scope, root_path)
                 if missed is not None:  # the first request of its (method, route)
-                    series = self._series_for(scope, root_path)
-                    series.add(*missed)
-                    _release(owner, series.method, series.route)
+                    self._record_first(owner, scope, root_path, missed)
             except Exception:  # noqa: BLE001 - never break the app we watch
                 self._internal_error("recording a request")
-            _reset_owner(token)
+            try:
+                _reset_owner(token)
+            except ValueError:  # the coroutine was closed from another context
+                self._internal_error("recording a request")
+
+    def _record_first(self, owner: Any, scope: Scope, root_path: str,
+                      missed: tuple[int, float, float]) -> None:
+        """Record the first request of a (method, route), which the cache did not know."""
+        series = self._series_for(scope, root_path)
+        series.add(*missed)
+        _release(owner, series.method, series.route)
 
     def _series_for(self, scope: Scope, root_path: str) -> RequestSeries:
         """The running totals for a request's labels (and a cache entry for next time)."""
@@ -313,6 +343,11 @@ class LoopWatchMiddleware:
             monitor.add_sink(self)
             self.monitor = monitor
             self._limiter = _default_thread_limiter()
+            if speedups is not None and isinstance(monitor, speedups.StepState):
+                self._serve = speedups.RequestPath(
+                    self, self.app, monitor, self.exclude_paths, self._excluded_prefixes,
+                    self._fast, self._in_flight,
+                )
         except Exception:  # noqa: BLE001
             self._internal_error("starting the loop monitor")
 
@@ -323,6 +358,7 @@ class LoopWatchMiddleware:
         if monitor is None:
             return
         self.monitor = None
+        self._serve = None
         try:
             started, users = _shared.get(monitor, (False, []))
             if self in users:

@@ -15,6 +15,10 @@
  *                          is the request's ASGI send (it notes the status and the end)
  *   Totals                 running totals of one (method, route): bucket counts and sums
  *   finish()               a request's end: its loop time and its record in those totals
+ *   RequestPath            what LoopWatchMiddleware.__call__ hands each request to: a
+ *                          measured HTTP request becomes a RequestCall, the awaitable that
+ *                          runs the app under the request's owner (the middleware's own
+ *                          coroutine, without a Python frame); all else goes to that coroutine
  *
  * Each does what its pure-Python twin in _hooks.py, _accel.py, _middleware.py and
  * _metrics.py does; tests/test_speedups.py runs both on the same inputs. Unlike the twins,
@@ -36,7 +40,8 @@ static PyObject *zero_float;
 static PyObject *s_step_start, *s_busy, *s_threshold, *s_on_block, *s_monitor_attr,
     *s_loop, *s_context, *s_callback, *s_get, *s_type, *s_status, *s_more_body,
     *s_response_start, *s_close, *s_throw, *s_await, *s_run, *s_args, *s_wrapped, *s_get_coro,
-    *s_context_kw, *kw_loop, *kw_loop_context, *s_closing, *s_route, *s_root_path, *s_method;
+    *s_context_kw, *kw_loop, *kw_loop_context, *s_closing, *s_route, *s_root_path, *s_method,
+    *s_http, *s_path, *s_empty, *s_record_first, *s_own_call;
 
 /* The clock of time.perf_counter(), as the watchdog thread reads it. */
 #if defined(__linux__)
@@ -1223,19 +1228,9 @@ release_owner(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
  * (status, duration, blocking) for the caller to record (and release) after the lookup.
  * The twin of _middleware._py_finish. */
 static PyObject *
-finish(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+finish_impl(RequestOwner *owner, PyObject *mon, double start, PyObject *cache, PyObject *scope,
+            PyObject *root_path)
 {
-    if (nargs != 6 || !Py_IS_TYPE(args[0], &RequestOwnerType) || !PyDict_Check(args[3])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "finish() takes (RequestOwner, monitor, start, dict, dict, root_path)");
-        return NULL;
-    }
-    RequestOwner *owner = (RequestOwner *)args[0];
-    PyObject *mon = args[1], *cache = args[3], *scope = args[4], *root_path = args[5];
-    double start = PyFloat_AsDouble(args[2]);
-    if (start == -1.0 && PyErr_Occurred()) {
-        return NULL;
-    }
     double t = now();
     if (NOW_FAILED(t)) {
         return NULL;
@@ -1304,6 +1299,634 @@ finish(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     }
     return Py_BuildValue("(ldd)", status, duration, blocking);
 }
+
+static PyObject *
+finish(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || !Py_IS_TYPE(args[0], &RequestOwnerType) || !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "finish() takes (RequestOwner, monitor, start, dict, dict, root_path)");
+        return NULL;
+    }
+    double start = PyFloat_AsDouble(args[2]);
+    if (start == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return finish_impl((RequestOwner *)args[0], args[1], start, args[3], args[4], args[5]);
+}
+
+/* -- the request path: the middleware's HTTP requests without a Python coroutine ------------ */
+
+/* What LoopWatchMiddleware.__call__ hands every request to while its monitor times this
+ * loop's steps: a measured HTTP request becomes a RequestCall (below), an excluded path goes
+ * straight to the app, and anything else (lifespan, websocket, a stopped monitor, another
+ * loop) to the middleware's own coroutine, middleware._call(). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *middleware;
+    PyObject *app;
+    PyObject *monitor;      /* a StepState */
+    PyObject *exclude;      /* frozenset of excluded paths */
+    PyObject *prefixes;     /* tuple of excluded prefixes */
+    PyObject *cache;        /* the middleware's (method, id(route)) -> totals cache */
+    PyObject *in_flight;    /* the middleware's set of owners in flight */
+    unsigned long thread;   /* the thread of the monitor's loop */
+    vectorcallfunc vectorcall;
+} RequestPath;
+
+/* One measured request: the twin of the request part of LoopWatchMiddleware._call. It is
+ * the awaitable __call__ returns; awaiting it runs the app under the request's owner. */
+typedef struct {
+    PyObject_HEAD
+    RequestPath *path;
+    PyObject *scope;
+    PyObject *receive;
+    PyObject *send;
+    PyObject *root_path;
+    RequestOwner *owner;
+    PyObject *token;
+    PyObject *inner;        /* the app's awaitable, as an iterator */
+    double start;
+    int state;
+} RequestCall;
+
+enum { RC_NEW, RC_MEASURED, RC_UNMEASURED, RC_DONE };
+
+static PyTypeObject RequestPathType;
+static PyTypeObject RequestCallType;
+
+/* A failure inside loopwatch (pending): middleware._internal_error(where) with it as the
+ * exception being handled (the middleware logs it once and counts it). */
+static void
+internal_error(RequestPath *path, const char *where)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL) {
+        PyException_SetTraceback(value, tb);
+    }
+    PyObject *ot, *ov, *otb;
+    PyErr_GetExcInfo(&ot, &ov, &otb);
+    PyErr_SetExcInfo(type, value, tb);
+    PyObject *r = PyObject_CallMethod(path->middleware, "_internal_error", "s", where);
+    if (r == NULL) {
+        PyErr_WriteUnraisable(path->middleware);
+    }
+    Py_XDECREF(r);
+    PyErr_SetExcInfo(ot, ov, otb);
+}
+
+/* The iterator `await obj` would drive (a new reference). */
+static PyObject *
+await_iter(PyObject *obj)
+{
+    if (PyCoro_CheckExact(obj)) {
+        return Py_NewRef(obj);
+    }
+    PyTypeObject *type = Py_TYPE(obj);
+    if (type->tp_as_async != NULL && type->tp_as_async->am_await != NULL) {
+        PyObject *it = type->tp_as_async->am_await(obj);
+        if (it != NULL && (PyCoro_CheckExact(it) || !PyIter_Check(it))) {
+            PyErr_Format(PyExc_TypeError, "__await__() returned non-iterator of type '%.100s'",
+                         Py_TYPE(it)->tp_name);
+            Py_CLEAR(it);
+        }
+        return it;
+    }
+    if (PyGen_CheckExact(obj)) { /* a generator-based coroutine (types.coroutine) */
+        PyObject *code = PyObject_GetAttrString(obj, "gi_code");
+        PyObject *flags = code ? PyObject_GetAttrString(code, "co_flags") : NULL;
+        Py_XDECREF(code);
+        long value = flags ? PyLong_AsLong(flags) : -1;
+        Py_XDECREF(flags);
+        if (value != -1 && (value & CO_ITERABLE_COROUTINE)) {
+            return Py_NewRef(obj);
+        }
+        PyErr_Clear();
+    }
+    PyErr_Format(PyExc_TypeError, "object %.100s can't be used in 'await' expression",
+                 type->tp_name);
+    return NULL;
+}
+
+/* The request's start, in its first step: owner, context variable, in flight, clock, then
+ * the app. -1: loopwatch failed (nothing set up is left behind); -2: the app failed. */
+static int
+rc_begin(RequestCall *self)
+{
+    RequestPath *path = self->path;
+    PyObject *root = PyDict_GetItemWithError(self->scope, s_root_path);
+    if (root == NULL) {
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+        root = s_empty;
+    }
+    self->root_path = Py_NewRef(root);
+    PyObject *argv[3] = {self->scope, root, self->send};
+    self->owner = (RequestOwner *)new_owner(NULL, argv, 3);
+    if (self->owner == NULL) {
+        return -1;
+    }
+    self->token = PyContextVar_Set(owner_var, (PyObject *)self->owner);
+    if (self->token == NULL) {
+        return -1;
+    }
+    if (PySet_Add(path->in_flight, (PyObject *)self->owner) < 0) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        if (PyContextVar_Reset(owner_var, self->token) < 0) {
+            PyErr_Clear();
+        }
+        PyErr_Restore(type, value, tb);
+        Py_CLEAR(self->token);
+        return -1;
+    }
+    self->start = now();
+    self->state = RC_MEASURED;
+    PyObject *app_args[3] = {self->scope, self->receive, (PyObject *)self->owner};
+    PyObject *awaitable = PyObject_Vectorcall(path->app, app_args, 3, NULL);
+    if (awaitable == NULL) {
+        return -2;
+    }
+    self->inner = await_iter(awaitable);
+    Py_DECREF(awaitable);
+    return self->inner == NULL ? -2 : 0;
+}
+
+/* The request's end (the app returned or raised; its exception, if any, is pending and
+ * stays so): out of flight, its record, the context variable back (reset == 0: where that is
+ * still possible, quietly). */
+static void
+rc_end(RequestCall *self, int failed, int reset)
+{
+    RequestPath *path = self->path;
+    RequestOwner *owner = self->owner;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    self->state = RC_DONE;
+    if (failed && owner->status == 0) {
+        owner->status = 500;
+    }
+    if (PySet_Discard(path->in_flight, (PyObject *)owner) < 0) {
+        internal_error(path, "recording a request");
+    }
+    PyObject *missed = finish_impl(owner, path->monitor, self->start, path->cache, self->scope,
+                                   self->root_path);
+    if (missed == NULL) {
+        internal_error(path, "recording a request");
+    }
+    else if (missed != Py_None) { /* the first request of its (method, route) */
+        PyObject *r = PyObject_CallMethodObjArgs(path->middleware, s_record_first, owner,
+                                                 self->scope, self->root_path, missed, NULL);
+        if (r == NULL) {
+            internal_error(path, "recording a request");
+        }
+        Py_XDECREF(r);
+    }
+    Py_XDECREF(missed);
+    if (PyContextVar_Reset(owner_var, self->token) < 0) {
+        if (reset) {
+            internal_error(path, "recording a request");
+        }
+        else {
+            PyErr_Clear(); /* finalized outside the request's context, which is gone */
+        }
+    }
+    Py_CLEAR(self->token);
+    PyErr_Restore(type, value, tb);
+}
+
+/* The first step: set up and start; on a failure of loopwatch's own, the app runs
+ * unmeasured. 0: go on; -1: the app failed (its exception pending, the request ended). */
+static int
+rc_start(RequestCall *self)
+{
+    int rc = rc_begin(self);
+    if (rc == -2) {
+        rc_end(self, 1, 1);
+        return -1;
+    }
+    if (rc == -1) {
+        internal_error(self->path, "starting a request");
+        if (self->token != NULL) {
+            if (PyContextVar_Reset(owner_var, self->token) < 0) {
+                PyErr_Clear();
+            }
+            Py_CLEAR(self->token);
+        }
+        self->state = RC_UNMEASURED;
+        PyObject *app_args[3] = {self->scope, self->receive, self->send};
+        PyObject *awaitable = PyObject_Vectorcall(self->path->app, app_args, 3, NULL);
+        self->inner = awaitable ? await_iter(awaitable) : NULL;
+        Py_XDECREF(awaitable);
+        if (self->inner == NULL) {
+            self->state = RC_DONE;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PySendResult
+rc_am_send(RequestCall *self, PyObject *arg, PyObject **result)
+{
+    if (self->state == RC_NEW && rc_start(self) < 0) {
+        *result = NULL;
+        return PYGEN_ERROR;
+    }
+    if (self->state == RC_DONE) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        *result = NULL;
+        return PYGEN_ERROR;
+    }
+    PySendResult status = PyIter_Send(self->inner, arg, result);
+    if (status != PYGEN_NEXT) {
+        if (self->state == RC_MEASURED) {
+            rc_end(self, status == PYGEN_ERROR, 1);
+        }
+        self->state = RC_DONE;
+        if (status == PYGEN_RETURN) { /* as `await self.app(...)` in _call: None */
+            Py_SETREF(*result, Py_NewRef(Py_None));
+        }
+    }
+    return status;
+}
+
+static PyObject *
+rc_send(RequestCall *self, PyObject *arg)
+{
+    PyObject *result;
+    PySendResult status = rc_am_send(self, arg, &result);
+    if (status == PYGEN_RETURN) {
+        if (result == Py_None) {
+            Py_DECREF(result);
+            PyErr_SetNone(PyExc_StopIteration);
+            return NULL;
+        }
+        PyObject *exc = PyObject_CallOneArg(PyExc_StopIteration, result);
+        Py_DECREF(result);
+        if (exc != NULL) {
+            PyErr_SetObject(PyExc_StopIteration, exc);
+            Py_DECREF(exc);
+        }
+        return NULL;
+    }
+    return status == PYGEN_NEXT ? result : NULL;
+}
+
+static PyObject *
+rc_iternext(RequestCall *self)
+{
+    return rc_send(self, Py_None);
+}
+
+/* Raise what throw(typ[, val[, tb]]) was given, as a coroutine that is not running does. */
+static PyObject *
+raise_thrown(PyObject *args)
+{
+    PyObject *typ, *val = NULL, *tb = NULL;
+    if (!PyArg_UnpackTuple(args, "throw", 1, 3, &typ, &val, &tb)) {
+        return NULL;
+    }
+    if (PyExceptionInstance_Check(typ)) {
+        PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
+    }
+    else if (PyExceptionClass_Check(typ)) {
+        PyErr_SetObject(typ, val != NULL ? val : Py_None);
+    }
+    else {
+        PyErr_SetString(PyExc_TypeError,
+                        "exceptions must be classes or instances deriving from BaseException");
+    }
+    return NULL;
+}
+
+static PyObject *
+rc_throw(RequestCall *self, PyObject *args)
+{
+    if (self->state == RC_NEW && rc_start(self) < 0) {
+        return NULL;
+    }
+    if (self->state == RC_DONE) {
+        return raise_thrown(args);
+    }
+    PyObject *result = NULL;
+    PyObject *throw = PyObject_GetAttr(self->inner, s_throw);
+    if (throw != NULL) {
+        result = PyObject_Call(throw, args, NULL);
+        Py_DECREF(throw);
+    }
+    else if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear(); /* an iterator without throw(): raised here, as `await` does */
+        raise_thrown(args);
+    }
+    if (result != NULL) {
+        return result; /* the app caught it and awaits again */
+    }
+    int returned = PyErr_ExceptionMatches(PyExc_StopIteration);
+    if (returned) { /* as `await self.app(...)` in _call: None */
+        PyErr_Clear();
+        PyErr_SetNone(PyExc_StopIteration);
+    }
+    if (self->state == RC_MEASURED) {
+        rc_end(self, !returned, 1);
+    }
+    self->state = RC_DONE;
+    return NULL;
+}
+
+static PyObject *
+rc_close_impl(RequestCall *self, int reset)
+{
+    PyObject *result = Py_NewRef(Py_None);
+    if (self->state == RC_MEASURED || self->state == RC_UNMEASURED) {
+        PyObject *close = PyObject_GetAttr(self->inner, s_close);
+        if (close != NULL) {
+            Py_SETREF(result, PyObject_CallNoArgs(close));
+            Py_DECREF(close);
+        }
+        else if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+        }
+        else {
+            Py_CLEAR(result);
+        }
+        if (self->state == RC_MEASURED) {
+            rc_end(self, 1, reset); /* GeneratorExit: the request did not finish */
+        }
+    }
+    self->state = RC_DONE;
+    return result;
+}
+
+static PyObject *
+rc_close(RequestCall *self, PyObject *Py_UNUSED(ignored))
+{
+    return rc_close_impl(self, 1);
+}
+
+/* Dropped while the app was still running (as a coroutine, closed): out of flight and
+ * recorded; the variable is reset where that is still possible. */
+static void
+rc_finalize(RequestCall *self)
+{
+    if (self->state != RC_MEASURED && self->state != RC_UNMEASURED) {
+        return;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = rc_close_impl(self, 0);
+    if (r == NULL) {
+        PyErr_WriteUnraisable((PyObject *)self);
+    }
+    Py_XDECREF(r);
+    PyErr_Restore(type, value, tb);
+}
+
+static PyObject *
+rc_await(RequestCall *self)
+{
+    return Py_NewRef(self);
+}
+
+static PyObject *
+rc_get_await(RequestCall *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->inner != NULL && self->state != RC_DONE ? self->inner : Py_None);
+}
+
+static PyObject *
+rc_repr(RequestCall *self)
+{
+    return PyUnicode_FromFormat("<loopwatch request %R>", self->owner ? (PyObject *)self->owner
+                                                                      : Py_None);
+}
+
+static int
+rc_traverse(RequestCall *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->path);
+    Py_VISIT(self->scope);
+    Py_VISIT(self->receive);
+    Py_VISIT(self->send);
+    Py_VISIT(self->root_path);
+    Py_VISIT(self->owner);
+    Py_VISIT(self->token);
+    Py_VISIT(self->inner);
+    return 0;
+}
+
+static int
+rc_clear(RequestCall *self)
+{
+    Py_CLEAR(self->path);
+    Py_CLEAR(self->scope);
+    Py_CLEAR(self->receive);
+    Py_CLEAR(self->send);
+    Py_CLEAR(self->root_path);
+    Py_CLEAR(self->owner);
+    Py_CLEAR(self->token);
+    Py_CLEAR(self->inner);
+    return 0;
+}
+
+static void
+rc_dealloc(RequestCall *self)
+{
+    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
+        return; /* resurrected */
+    }
+    PyObject_GC_UnTrack(self);
+    rc_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyMethodDef rc_methods[] = {
+    {"send", (PyCFunction)rc_send, METH_O, "Run the request's next step."},
+    {"throw", (PyCFunction)rc_throw, METH_VARARGS, "Throw into the app."},
+    {"close", (PyCFunction)rc_close, METH_NOARGS, "Close the app's coroutine."},
+    {NULL},
+};
+
+static PyGetSetDef rc_getset[] = {
+    {"cr_await", (getter)rc_get_await, NULL, "The app's awaitable, while it runs.", NULL},
+    {NULL},
+};
+
+static PyAsyncMethods rc_as_async = {
+    .am_await = (unaryfunc)rc_await,
+    .am_send = (sendfunc)rc_am_send,
+};
+
+static PyTypeObject RequestCallType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._speedups.RequestCall",
+    .tp_doc = "One measured HTTP request: awaiting it runs the app under the request's owner.",
+    .tp_basicsize = sizeof(RequestCall),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_dealloc = (destructor)rc_dealloc,
+    .tp_finalize = (destructor)rc_finalize,
+    .tp_traverse = (traverseproc)rc_traverse,
+    .tp_clear = (inquiry)rc_clear,
+    .tp_as_async = &rc_as_async,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)rc_iternext,
+    .tp_repr = (reprfunc)rc_repr,
+    .tp_methods = rc_methods,
+    .tp_getset = rc_getset,
+};
+
+/* path(scope, receive, send): what the middleware's __call__ returns. */
+static PyObject *
+rp_vectorcall(RequestPath *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    StepState *state = (StepState *)self->monitor;
+    PyObject *scope = nargs == 3 && kwnames == NULL ? args[0] : NULL;
+    if (scope == NULL || !PyDict_CheckExact(scope) || !state->active ||
+            state->step_start == 0.0 || PyThread_get_thread_ident() != self->thread) {
+        goto own_coroutine; /* not in a step this monitor times: not (yet) the fast path */
+    }
+    PyObject *type = PyDict_GetItemWithError(scope, s_type);
+    if (type != s_http && (type == NULL || !PyUnicode_Check(type) ||
+                           PyUnicode_Compare(type, s_http) != 0)) {
+        PyErr_Clear();
+        goto own_coroutine;
+    }
+    PyObject *p = PyDict_GetItemWithError(scope, s_path);
+    if (p == NULL || !PyUnicode_Check(p)) {
+        PyErr_Clear();
+        goto own_coroutine;
+    }
+    int excluded = PySet_Contains(self->exclude, p);
+    for (Py_ssize_t i = 0; excluded == 0 && i < PyTuple_GET_SIZE(self->prefixes); i++) {
+        Py_ssize_t match = PyUnicode_Tailmatch(p, PyTuple_GET_ITEM(self->prefixes, i), 0,
+                                               PY_SSIZE_T_MAX, -1);
+        excluded = match < 0 ? -1 : (int)match;
+    }
+    if (excluded < 0) {
+        PyErr_Clear();
+        goto own_coroutine;
+    }
+    if (excluded) {
+        return PyObject_Vectorcall(self->app, args, 3, NULL);
+    }
+    RequestCall *call = PyObject_GC_New(RequestCall, &RequestCallType);
+    if (call == NULL) {
+        return NULL;
+    }
+    call->path = (RequestPath *)Py_NewRef(self);
+    call->scope = Py_NewRef(scope);
+    call->receive = Py_NewRef(args[1]);
+    call->send = Py_NewRef(args[2]);
+    call->root_path = NULL;
+    call->owner = NULL;
+    call->token = NULL;
+    call->inner = NULL;
+    call->start = 0.0;
+    call->state = RC_NEW;
+    PyObject_GC_Track(call);
+    return (PyObject *)call;
+
+own_coroutine:;
+    PyObject *own = PyObject_GetAttr(self->middleware, s_own_call);
+    if (own == NULL) {
+        return NULL;
+    }
+    PyObject *result = PyObject_Vectorcall(own, args, nargsf, kwnames);
+    Py_DECREF(own);
+    return result;
+}
+
+static PyObject *
+rp_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *middleware, *app, *monitor, *exclude, *prefixes, *cache, *in_flight;
+    static char *kwlist[] = {"middleware", "app", "monitor", "exclude", "prefixes", "cache",
+                             "in_flight", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!O!O!O!:RequestPath", kwlist,
+                                     &middleware, &app, &monitor, &PyFrozenSet_Type, &exclude,
+                                     &PyTuple_Type, &prefixes, &PyDict_Type, &cache,
+                                     &PySet_Type, &in_flight)) {
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(monitor, &StepStateType)) {
+        PyErr_SetString(PyExc_TypeError, "RequestPath: monitor must be a StepState");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(prefixes); i++) {
+        if (!PyUnicode_Check(PyTuple_GET_ITEM(prefixes, i))) {
+            PyErr_SetString(PyExc_TypeError, "RequestPath: prefixes must be str");
+            return NULL;
+        }
+    }
+    RequestPath *self = PyObject_GC_New(RequestPath, type);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->middleware = Py_NewRef(middleware);
+    self->app = Py_NewRef(app);
+    self->monitor = Py_NewRef(monitor);
+    self->exclude = Py_NewRef(exclude);
+    self->prefixes = Py_NewRef(prefixes);
+    self->cache = Py_NewRef(cache);
+    self->in_flight = Py_NewRef(in_flight);
+    self->thread = PyThread_get_thread_ident();
+    self->vectorcall = (vectorcallfunc)rp_vectorcall;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static int
+rp_traverse(RequestPath *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->middleware);
+    Py_VISIT(self->app);
+    Py_VISIT(self->monitor);
+    Py_VISIT(self->exclude);
+    Py_VISIT(self->prefixes);
+    Py_VISIT(self->cache);
+    Py_VISIT(self->in_flight);
+    return 0;
+}
+
+static int
+rp_clear(RequestPath *self)
+{
+    Py_CLEAR(self->middleware);
+    Py_CLEAR(self->app);
+    Py_CLEAR(self->monitor);
+    Py_CLEAR(self->exclude);
+    Py_CLEAR(self->prefixes);
+    Py_CLEAR(self->cache);
+    Py_CLEAR(self->in_flight);
+    return 0;
+}
+
+static void
+rp_dealloc(RequestPath *self)
+{
+    PyObject_GC_UnTrack(self);
+    rp_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyTypeObject RequestPathType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._speedups.RequestPath",
+    .tp_doc = "RequestPath(middleware, app, monitor, exclude, prefixes, cache, in_flight): "
+              "what LoopWatchMiddleware.__call__ hands each request to.",
+    .tp_basicsize = sizeof(RequestPath),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = rp_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(RequestPath, vectorcall),
+    .tp_dealloc = (destructor)rp_dealloc,
+    .tp_traverse = (traverseproc)rp_traverse,
+    .tp_clear = (inquiry)rp_clear,
+};
 
 /* -- module ------------------------------------------------------------------------------- */
 
@@ -1396,6 +2019,11 @@ PyInit__speedups(void)
     INTERN(s_route, "route");
     INTERN(s_root_path, "root_path");
     INTERN(s_method, "method");
+    INTERN(s_http, "http");
+    INTERN(s_path, "path");
+    INTERN(s_empty, "");
+    INTERN(s_record_first, "_record_first");
+    INTERN(s_own_call, "_call");
     if ((kw_loop = Py_BuildValue("(s)", "loop")) == NULL ||
             (kw_loop_context = Py_BuildValue("(ss)", "loop", "context")) == NULL) {
         return NULL;
@@ -1416,7 +2044,8 @@ PyInit__speedups(void)
 #endif
     if (PyType_Ready(&TimedCoroutineType) < 0 || PyType_Ready(&RequestOwnerType) < 0 ||
             PyType_Ready(&TotalsType) < 0 || PyType_Ready(&StepStateType) < 0 ||
-            PyType_Ready(&ReraiserType) < 0 || PyType_Ready(&TaskFactoryType) < 0) {
+            PyType_Ready(&ReraiserType) < 0 || PyType_Ready(&TaskFactoryType) < 0 ||
+            PyType_Ready(&RequestPathType) < 0 || PyType_Ready(&RequestCallType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module_def);
@@ -1427,7 +2056,9 @@ PyInit__speedups(void)
             PyModule_AddObjectRef(m, "RequestOwner", (PyObject *)&RequestOwnerType) < 0 ||
             PyModule_AddObjectRef(m, "Totals", (PyObject *)&TotalsType) < 0 ||
             PyModule_AddObjectRef(m, "StepState", (PyObject *)&StepStateType) < 0 ||
-            PyModule_AddObjectRef(m, "TaskFactory", (PyObject *)&TaskFactoryType) < 0) {
+            PyModule_AddObjectRef(m, "TaskFactory", (PyObject *)&TaskFactoryType) < 0 ||
+            PyModule_AddObjectRef(m, "RequestPath", (PyObject *)&RequestPathType) < 0 ||
+            PyModule_AddObjectRef(m, "RequestCall", (PyObject *)&RequestCallType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -652,3 +652,276 @@ def test_a_released_owner_refuses_late_sends_by_name(maker: Any) -> None:
     release(owner, "GET", "/x")
     with pytest.raises(RuntimeError, match="after the application returned"):
         send({"type": "http.response.body", "body": b""})
+
+
+# -- the request path: a measured request without a coroutine of the middleware's own -----------
+
+def _http(path: str = "/r") -> dict[str, Any]:
+    return {"type": "http", "method": "GET", "path": path, "root_path": "", "headers": []}
+
+
+async def _receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+def _request_outcome(impl: str, app: Any, drive: Any, path: str = "/r") -> dict[str, Any]:
+    """Run one request through the C request path or the middleware's Python coroutine, in a
+    timed step of a running monitor, and report everything observable about it."""
+    from prometheus_client import CollectorRegistry
+
+    from loopwatch import LoopWatchMiddleware
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
+
+    registry = CollectorRegistry()
+    outcome: dict[str, Any] = {}
+
+    async def main() -> None:
+        mw = LoopWatchMiddleware(app, registry=registry, log_blocks=False)
+        await mw(_http("/warm-up"), _receive, send)  # starts the monitor
+        await asyncio.sleep(0)  # the next step is a timed one
+        if impl == "python":
+            mw._serve = None
+        else:
+            assert mw._serve is not None
+        holder = [mw(_http(path), _receive, send)]  # the drive holds the only reference
+        outcome["type"] = type(holder[0]).__name__
+        try:
+            outcome["result"] = ("returned", await drive(holder))
+        except BaseException as exc:  # noqa: BLE001 - compared between the two paths
+            outcome["result"] = ("raised", type(exc).__name__, str(exc))
+        await asyncio.sleep(0)
+        outcome["owner after"] = current_owner.get()
+        outcome["in flight"] = len(mw._in_flight)
+        mw.metrics.flush()
+        mw._stop()
+
+    asyncio.run(main())
+    outcome["sent"] = sent
+    outcome["requests"] = sorted(
+        (s.labels["route"], s.labels["status"], s.value)
+        for metric in registry.collect() if metric.name == "loopwatch_requests"
+        for s in metric.samples if s.name == "loopwatch_requests_total"
+    )
+    outcome["internal errors"] = registry.get_sample_value("loopwatch_internal_errors_total")
+    return outcome
+
+
+async def _await(holder: list[Any]) -> Any:
+    return await holder.pop()
+
+
+async def _cancel_soon(holder: list[Any]) -> Any:
+    task = asyncio.ensure_future(_await(holder))
+    await asyncio.sleep(0)
+    task.cancel()
+    return await task
+
+
+async def _close_midway(holder: list[Any]) -> Any:
+    driver = _await(holder)
+    driver.send(None)  # the app waits for a future that never comes
+    driver.close()
+    return "closed"
+
+
+async def _dropped_midway(holder: list[Any]) -> Any:
+    awaitable = holder.pop()
+    awaitable.send(None)
+    del awaitable  # the coroutine (or RequestCall) is finalized without a close()
+    return "dropped"
+
+
+async def _ok_app(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 201, "headers": []})
+    await asyncio.sleep(0)
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def _failing_app(scope: Any, receive: Any, send: Any) -> None:
+    if scope["path"] == "/warm-up":
+        return await _ok_app(scope, receive, send)
+    await asyncio.sleep(0)
+    raise ValueError("the app's own error")
+
+
+async def _waiting_app(scope: Any, receive: Any, send: Any) -> None:
+    if scope["path"] == "/warm-up":
+        return await _ok_app(scope, receive, send)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await asyncio.get_running_loop().create_future()
+
+
+class _AwaitableApp:
+    """An ASGI app that returns a plain awaitable (no coroutine) with a value."""
+
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
+        return self._run(scope, receive, send).__await__()
+
+    def __await__(self) -> Any:  # not used; the instance's call result is what is awaited
+        raise AssertionError
+
+    async def _run(self, scope: Any, receive: Any, send: Any) -> str:
+        await _ok_app(scope, receive, send)
+        return "value"
+
+
+class _IterAwaitable:
+    def __init__(self, it: Any) -> None:
+        self.it = it
+
+    def __await__(self) -> Any:
+        return self.it
+
+
+def _not_awaitable_app(scope: Any, receive: Any, send: Any) -> Any:
+    if scope["path"] == "/warm-up":
+        return _ok_app(scope, receive, send)
+    return None
+
+
+SCENARIOS = {
+    "returns": (_ok_app, _await, "/r"),
+    "raises": (_failing_app, _await, "/r"),
+    "cancelled": (_waiting_app, _cancel_soon, "/r"),
+    "closed midway": (_waiting_app, _close_midway, "/r"),
+    "dropped midway": (_waiting_app, _dropped_midway, "/r"),
+    "plain awaitable": (lambda s, r, se: _IterAwaitable(_AwaitableApp()(s, r, se)), _await, "/r"),
+    "not awaitable": (_not_awaitable_app, _await, "/r"),
+    "excluded path": (_ok_app, _await, "/metrics"),
+}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_c_request_path_does_what_the_middleware_coroutine_does(scenario: str) -> None:
+    """Returns, raises, cancellation, close and finalization midway, awaitables that are not
+    coroutines, an app that returns no awaitable, an excluded path: the same result, the same
+    messages sent, the same requests recorded, nothing left in flight or in the context."""
+    c = _c()
+    app, drive, path = SCENARIOS[scenario]
+    python = _request_outcome("python", app, drive, path)
+    native = _request_outcome("c", app, drive, path)
+    assert native["type"] == ("RequestCall" if path != "/metrics" else "coroutine")
+    assert python["type"] == "coroutine"
+    for key in ("result", "sent", "requests", "owner after", "in flight", "internal errors"):
+        assert native[key] == python[key], key
+    assert native["owner after"] is None and native["in flight"] == 0
+    assert native["internal errors"] == 0
+    recorded = {status: value for _route, status, value in native["requests"]}
+    expected = {
+        "returns": {"201": 2.0}, "raises": {"201": 1.0, "500": 1.0},
+        "cancelled": {"201": 1.0, "200": 1.0}, "closed midway": {"201": 1.0, "200": 1.0},
+        "dropped midway": {"201": 1.0, "200": 1.0}, "plain awaitable": {"201": 2.0},
+        "not awaitable": {"201": 1.0, "500": 1.0}, "excluded path": {"201": 1.0},
+    }[scenario]
+    assert recorded == expected
+    assert isinstance(c.RequestPath, type)
+
+
+def test_c_request_path_is_an_asgi3_app_to_servers_and_frameworks() -> None:
+    """__call__ is a plain method now; uvicorn and Starlette still see an async one."""
+    import inspect
+
+    from starlette._utils import is_async_callable
+
+    from loopwatch import LoopWatchMiddleware
+
+    mw = LoopWatchMiddleware(_ok_app)
+    assert asyncio.iscoroutinefunction(mw.__call__)
+    assert is_async_callable(mw)
+    if sys.version_info >= (3, 12):
+        assert inspect.iscoroutinefunction(mw.__call__)
+
+
+def test_c_request_path_hands_anything_it_does_not_measure_to_the_coroutine() -> None:
+    """Outside a step this monitor times (not started, another loop, the hook removed) and for
+    scopes other than HTTP, the middleware's own coroutine runs the request."""
+    c = _c()
+    from prometheus_client import CollectorRegistry
+
+    from loopwatch import LoopWatchMiddleware
+
+    mw = LoopWatchMiddleware(_ok_app, registry=CollectorRegistry(), log_blocks=False)
+    seen: list[str] = []
+
+    async def send(message: Any) -> None:
+        seen.append(message["type"])
+
+    async def main() -> None:
+        await mw(_http(), _receive, send)
+        assert mw._serve is not None  # started by that first request
+        first = mw(_http(), _receive, send)  # still the untimed first step
+        assert asyncio.iscoroutine(first)
+        await first
+        await asyncio.sleep(0)
+        timed = mw(_http(), _receive, send)
+        assert isinstance(timed, c.RequestCall)
+        await timed
+        websocket = mw({"type": "websocket", "path": "/ws"}, _receive, send)
+        assert asyncio.iscoroutine(websocket)
+        websocket.close()
+        mw._stop()
+        assert mw._serve is None
+
+    asyncio.run(main())
+    assert seen == ["http.response.start", "http.response.body"] * 3
+
+
+def test_c_request_path_leaks_no_references() -> None:
+    """Thousands of requests through RequestCall (returned, failed, closed midway) leave the
+    app, receive, send and the middleware at the reference counts they started with."""
+    c = _c()
+    from prometheus_client import CollectorRegistry
+
+    from loopwatch import LoopWatchMiddleware
+
+    async def send(message: Any) -> None:
+        pass
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/fail":
+            raise KeyError("x")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["path"] == "/wait":
+            await asyncio.get_running_loop().create_future()
+        await send({"type": "http.response.body", "body": b""})
+
+    mw = LoopWatchMiddleware(app, registry=CollectorRegistry(), log_blocks=False)
+
+    def counts() -> tuple[int, ...]:
+        # a coroutine left behind holds its code object (its frame is gone once it ended)
+        return tuple(sys.getrefcount(o) for o in (app, app.__code__, _receive, send, mw,
+                                                  mw.monitor))
+
+    async def main() -> None:
+        await mw(_http("/warm-up"), _receive, send)
+        for path in ("/ok", "/fail", "/wait"):  # their (method, route) first seen
+            try:
+                driver = _await([mw(_http(path), _receive, send)])
+                driver.send(None)
+                driver.close()
+            except (StopIteration, KeyError):
+                pass
+        await asyncio.sleep(0)
+        before = counts()
+        for _ in range(2000):
+            request = mw(_http("/ok"), _receive, send)
+            assert isinstance(request, c.RequestCall)
+            await request
+            del request
+            try:
+                await mw(_http("/fail"), _receive, send)
+            except KeyError:
+                pass
+            driver = _await([mw(_http("/wait"), _receive, send)])
+            driver.send(None)
+            driver.close()
+            del driver
+        assert counts() == before
+        assert not mw._in_flight
+        mw._stop()
+
+    asyncio.run(main())
