@@ -104,30 +104,6 @@ def loopwatch_no_watchdog(awaits: bool = False) -> FastAPI:
     return with_loopwatch(awaits, sample_stacks=False)
 
 
-def loopwatch_no_hook(awaits: bool = False) -> FastAPI:
-    """Middleware and probe, but loop steps not timed (the hook is removed after start)."""
-    app = with_loopwatch(awaits)
-
-    @app.on_event("startup")
-    async def unhook() -> None:  # runs after the middleware started the monitor
-        _remove_step_timing()
-
-    return app
-
-
-def _remove_step_timing() -> None:
-    from loopwatch import _hooks
-
-    loop = asyncio.get_running_loop()
-    monitor = loopwatch.get_monitor(loop)
-    if monitor is None:
-        return
-    if monitor.mode == "handle":
-        _hooks.uninstall_handle_hook(loop)
-    else:
-        loop.set_task_factory(None)
-
-
 class PassThrough:
     """The cheapest pure ASGI middleware there is: the floor of any middleware's cost."""
 
@@ -148,7 +124,6 @@ ABLATIONS: dict[str, Callable[..., FastAPI]] = {
     "pass-through-middleware": passthrough,
     "monitor-only": monitor_only,
     "loopwatch-no-watchdog": loopwatch_no_watchdog,
-    "loopwatch-no-step-timing": loopwatch_no_hook,
 }
 
 

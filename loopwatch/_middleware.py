@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
@@ -162,7 +161,7 @@ class LoopWatchMiddleware:
         self.app = app
         if config is not None and options:
             raise ValueError("loopwatch: pass either config= or options, not both")
-        #: A bad option or LOOPWATCH_* variable, reported when the app starts (see __call__).
+        #: A bad option or LOOPWATCH_* variable, reported when the app starts (see _call).
         self._config_error: ValueError | None = None
         try:
             self.config = config if config is not None else Config.from_env(**options)
@@ -172,7 +171,7 @@ class LoopWatchMiddleware:
             # Starlette builds its middleware lazily, inside the first ASGI call (lifespan
             # startup), where uvicorn's default lifespan="auto" takes an exception for
             # "lifespan unsupported" and goes on serving a 500 for every request: fail the
-            # startup instead (__call__).
+            # startup instead (_call).
             self._config_error = exc
             self.config = Config()
         if isinstance(exclude_paths, str):
@@ -203,26 +202,8 @@ class LoopWatchMiddleware:
 
     # -- ASGI -----------------------------------------------------------------------------
 
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        """The ASGI app: an awaitable, as from any ``async def`` app.
-
-        While the monitor times this loop's steps, the C extension takes each request
-        (``_speedups.RequestPath``): a measured HTTP request is then one C object that does
-        what :meth:`_call` does, without a coroutine and a Python frame of its own; anything
-        else goes to :meth:`_call`, which is also the whole of the pure-Python path.
-        """
-        serve = self._serve
-        if serve is not None:
-            return serve(scope, receive, send)  # type: ignore[no-any-return]
-        return self._call(scope, receive, send)
-
-    # Servers and frameworks tell ASGI 3 apps by an async __call__ (uvicorn's interface
-    # detection, Starlette's is_async_callable): it is one, as far as they can see.
-    if hasattr(inspect, "markcoroutinefunction"):  # Python 3.12+
-        inspect.markcoroutinefunction(__call__)
-    __call__._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
-
     async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI app (see ``__call__`` below for the C request path in front of it)."""
         kind = scope["type"]
         if self._config_error is not None:
             await self._refuse(kind, receive, send)
@@ -274,6 +255,13 @@ class LoopWatchMiddleware:
                 _reset_owner(token)
             except ValueError:  # the coroutine was closed from another context
                 self._internal_error("recording a request")
+
+    # The ASGI app. Pure Python: the coroutine above. With the C extension, an entry that
+    # hands each request to the C request path (``self._serve``, a ``RequestPath``) while the
+    # monitor runs: a measured HTTP request is then one C object that does what _call does,
+    # without a coroutine and a Python frame of its own; anything else goes to _call. To
+    # inspect (so to uvicorn, Starlette, hypercorn, asgiref) it is _call, an async def.
+    __call__ = _call if speedups is None else speedups.AsgiEntry(_call)
 
     def _record_first(self, owner: Any, scope: Scope, root_path: str,
                       missed: tuple[int, float, float]) -> None:

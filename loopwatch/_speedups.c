@@ -19,6 +19,8 @@
  *                          measured HTTP request becomes a RequestCall, the awaitable that
  *                          runs the app under the request's owner (the middleware's own
  *                          coroutine, without a Python frame); all else goes to that coroutine
+ *   AsgiEntry              the middleware's __call__: its RequestPath while there is one,
+ *                          else its coroutine; to inspect, an async def like that coroutine
  *
  * Each does what its pure-Python twin in _hooks.py, _accel.py, _middleware.py and
  * _metrics.py does; tests/test_speedups.py runs both on the same inputs. Unlike the twins,
@@ -41,7 +43,7 @@ static PyObject *s_step_start, *s_busy, *s_threshold, *s_on_block, *s_monitor_at
     *s_loop, *s_context, *s_callback, *s_get, *s_type, *s_status, *s_more_body,
     *s_response_start, *s_close, *s_throw, *s_await, *s_run, *s_args, *s_wrapped, *s_get_coro,
     *s_context_kw, *kw_loop, *kw_loop_context, *s_closing, *s_route, *s_root_path, *s_method,
-    *s_http, *s_path, *s_empty, *s_record_first, *s_own_call;
+    *s_http, *s_path, *s_empty, *s_record_first, *s_own_call, *s_serve;
 
 /* The clock of time.perf_counter(), as the watchdog thread reads it. */
 #if defined(__linux__)
@@ -1928,6 +1930,135 @@ static PyTypeObject RequestPathType = {
     .tp_clear = (inquiry)rp_clear,
 };
 
+/* -- AsgiEntry: the middleware's __call__ ---------------------------------------------------- */
+
+/* LoopWatchMiddleware.__call__: mw(scope, receive, send) is mw._serve(scope, receive, send)
+ * (a RequestPath) while there is one, else the middleware's `async def _call`. It binds and
+ * describes itself as that coroutine function does (name, code, signature), so servers and
+ * frameworks that tell ASGI 3 apps by an async __call__ (uvicorn, Starlette, hypercorn,
+ * asgiref, inspect.iscoroutinefunction on every Python version) still see one. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *function;     /* the async def it stands for */
+    vectorcallfunc vectorcall;
+} AsgiEntry;
+
+static PyTypeObject AsgiEntryType;
+
+static PyObject *
+ae_vectorcall(AsgiEntry *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs == 4 && kwnames == NULL) {
+        PyObject *serve = PyObject_GetAttr(args[0], s_serve);
+        if (serve == NULL) {
+            PyErr_Clear();
+        }
+        else if (serve != Py_None) {
+            PyObject *result = PyObject_Vectorcall(serve, args + 1, 3, NULL);
+            Py_DECREF(serve);
+            return result;
+        }
+        else {
+            Py_DECREF(serve);
+        }
+    }
+    return PyObject_Vectorcall(self->function, args, nargsf, kwnames);
+}
+
+static PyObject *
+ae_descr_get(PyObject *self, PyObject *obj, PyObject *Py_UNUSED(type))
+{
+    if (obj == NULL || obj == Py_None) {
+        return Py_NewRef(self);
+    }
+    return PyMethod_New(self, obj);
+}
+
+static PyObject *
+ae_getattro(AsgiEntry *self, PyObject *name)
+{
+    /* __name__, __qualname__, __doc__, __code__, __defaults__, __annotations__, ...: the
+     * function's, as inspect reads them (inspect._signature_is_functionlike) */
+    if (PyUnicode_Check(name) && PyUnicode_CompareWithASCIIString(name, "__doc__") == 0) {
+        return PyObject_GetAttr(self->function, name);
+    }
+    PyObject *value = PyObject_GenericGetAttr((PyObject *)self, name);
+    if (value == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        value = PyObject_GetAttr(self->function, name);
+    }
+    return value;
+}
+
+static PyObject *
+ae_repr(AsgiEntry *self)
+{
+    return PyUnicode_FromFormat("<loopwatch ASGI entry for %R>", self->function);
+}
+
+static PyObject *
+ae_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *function;
+    static char *kwlist[] = {"function", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:AsgiEntry", kwlist, &function)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(function)) {
+        PyErr_SetString(PyExc_TypeError, "AsgiEntry: function must be callable");
+        return NULL;
+    }
+    AsgiEntry *self = PyObject_GC_New(AsgiEntry, type);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->function = Py_NewRef(function);
+    self->vectorcall = (vectorcallfunc)ae_vectorcall;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static int
+ae_traverse(AsgiEntry *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->function);
+    return 0;
+}
+
+static int
+ae_clear(AsgiEntry *self)
+{
+    Py_CLEAR(self->function);
+    return 0;
+}
+
+static void
+ae_dealloc(AsgiEntry *self)
+{
+    PyObject_GC_UnTrack(self);
+    ae_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyTypeObject AsgiEntryType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._speedups.AsgiEntry",
+    .tp_doc = "AsgiEntry(function): a middleware's __call__, the C request path first.",
+    .tp_basicsize = sizeof(AsgiEntry),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_new = ae_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(AsgiEntry, vectorcall),
+    .tp_descr_get = ae_descr_get,
+    .tp_getattro = (getattrofunc)ae_getattro,
+    .tp_repr = (reprfunc)ae_repr,
+    .tp_dealloc = (destructor)ae_dealloc,
+    .tp_traverse = (traverseproc)ae_traverse,
+    .tp_clear = (inquiry)ae_clear,
+};
+
 /* -- module ------------------------------------------------------------------------------- */
 
 static PyObject *
@@ -2024,6 +2155,7 @@ PyInit__speedups(void)
     INTERN(s_empty, "");
     INTERN(s_record_first, "_record_first");
     INTERN(s_own_call, "_call");
+    INTERN(s_serve, "_serve");
     if ((kw_loop = Py_BuildValue("(s)", "loop")) == NULL ||
             (kw_loop_context = Py_BuildValue("(ss)", "loop", "context")) == NULL) {
         return NULL;
@@ -2045,7 +2177,8 @@ PyInit__speedups(void)
     if (PyType_Ready(&TimedCoroutineType) < 0 || PyType_Ready(&RequestOwnerType) < 0 ||
             PyType_Ready(&TotalsType) < 0 || PyType_Ready(&StepStateType) < 0 ||
             PyType_Ready(&ReraiserType) < 0 || PyType_Ready(&TaskFactoryType) < 0 ||
-            PyType_Ready(&RequestPathType) < 0 || PyType_Ready(&RequestCallType) < 0) {
+            PyType_Ready(&RequestPathType) < 0 || PyType_Ready(&RequestCallType) < 0 ||
+            PyType_Ready(&AsgiEntryType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module_def);
@@ -2058,7 +2191,8 @@ PyInit__speedups(void)
             PyModule_AddObjectRef(m, "StepState", (PyObject *)&StepStateType) < 0 ||
             PyModule_AddObjectRef(m, "TaskFactory", (PyObject *)&TaskFactoryType) < 0 ||
             PyModule_AddObjectRef(m, "RequestPath", (PyObject *)&RequestPathType) < 0 ||
-            PyModule_AddObjectRef(m, "RequestCall", (PyObject *)&RequestCallType) < 0) {
+            PyModule_AddObjectRef(m, "RequestCall", (PyObject *)&RequestCallType) < 0 ||
+            PyModule_AddObjectRef(m, "AsgiEntry", (PyObject *)&AsgiEntryType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -821,19 +821,30 @@ def test_c_request_path_does_what_the_middleware_coroutine_does(scenario: str) -
     assert isinstance(c.RequestPath, type)
 
 
-def test_c_request_path_is_an_asgi3_app_to_servers_and_frameworks() -> None:
-    """__call__ is a plain method now; uvicorn and Starlette still see an async one."""
+def test_the_middleware_is_an_asgi3_app_to_servers_and_frameworks() -> None:
+    """Its __call__ is a C entry (with the extension): to inspect, and so to every server and
+    framework that tells ASGI 3 apps by an async __call__, it is the async def it stands for,
+    on every Python version."""
     import inspect
 
+    import uvicorn
     from starlette._utils import is_async_callable
 
     from loopwatch import LoopWatchMiddleware
 
     mw = LoopWatchMiddleware(_ok_app)
-    assert asyncio.iscoroutinefunction(mw.__call__)
-    assert is_async_callable(mw)
-    if sys.version_info >= (3, 12):
-        assert inspect.iscoroutinefunction(mw.__call__)
+    call = mw.__call__
+    assert inspect.iscoroutinefunction(call)  # hypercorn, Python >= 3.10
+    assert asyncio.iscoroutinefunction(call)  # asgiref, uvicorn
+    assert is_async_callable(mw)  # Starlette
+    assert call.__name__ == "_call" and "scope" in str(inspect.signature(call))
+    assert inspect.signature(mw) == inspect.signature(call)
+    config = uvicorn.Config(mw)
+    config.load()
+    assert config.interface == "asgi3"
+    assert LoopWatchMiddleware.__call__.__doc__ == LoopWatchMiddleware._call.__doc__
+    if speedups is not None:
+        assert isinstance(LoopWatchMiddleware.__dict__["__call__"], speedups.AsgiEntry)
 
 
 def test_c_request_path_hands_anything_it_does_not_measure_to_the_coroutine() -> None:
