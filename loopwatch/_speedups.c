@@ -19,6 +19,8 @@
  *                          measured HTTP request becomes a RequestCall, the awaitable that
  *                          runs the app under the request's owner (the middleware's own
  *                          coroutine, without a Python frame); all else goes to that coroutine
+ *   FinalSend              the server's send of a request's last body, run with the request
+ *                          out of the context (a timer the server starts there copies it)
  *   AsgiEntry              the middleware's __call__: its RequestPath while there is one,
  *                          else its coroutine; to inspect, an async def like that coroutine
  *
@@ -120,11 +122,13 @@ typedef struct {
     PyObject *send;
     PyObject *method;
     PyObject *route;
+    PyObject *token;        /* of the context variable, set by its RequestCall (or NULL) */
     PyObject *weakreflist;
     vectorcallfunc vectorcall;
 } RequestOwner;
 
 static PyTypeObject RequestOwnerType;
+static PyObject *final_send(RequestOwner *owner, PyObject *awaitable);
 
 static int
 add_float_attr(PyObject *obj, PyObject *name, double dt)
@@ -794,6 +798,7 @@ ro_vectorcall(RequestOwner *self, PyObject *const *args, size_t nargsf, PyObject
                         "released the request)");
         return NULL;
     }
+    int last = 0;
     if (PyDict_CheckExact(message)) {
         PyObject *type = PyDict_GetItemWithError(message, s_type);
         if (type != NULL && PyUnicode_Check(type)) {
@@ -812,12 +817,17 @@ ro_vectorcall(RequestOwner *self, PyObject *const *args, size_t nargsf, PyObject
                     if (!NOW_FAILED(t)) {
                         self->ended = t;
                     }
+                    last = 1;
                 }
             }
         }
         PyErr_Clear(); /* whatever went wrong above is for the server to find */
     }
-    return PyObject_Vectorcall(self->send, args, nargsf, NULL);
+    PyObject *awaitable = PyObject_Vectorcall(self->send, args, nargsf, NULL);
+    if (last && awaitable != NULL && self->token != NULL) {
+        return final_send(self, awaitable);
+    }
+    return awaitable;
 }
 
 /* new_owner(scope, root_path, send) */
@@ -840,6 +850,7 @@ new_owner(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     self->send = Py_NewRef(args[2]);
     self->method = Py_NewRef(Py_None);
     self->route = Py_NewRef(Py_None);
+    self->token = NULL;
     self->weakreflist = NULL;
     self->vectorcall = (vectorcallfunc)ro_vectorcall;
     PyObject_GC_Track(self);
@@ -889,6 +900,7 @@ ro_traverse(RequestOwner *self, visitproc visit, void *arg)
     Py_VISIT(self->send);
     Py_VISIT(self->method);
     Py_VISIT(self->route);
+    Py_VISIT(self->token);
     return 0;
 }
 
@@ -900,6 +912,7 @@ ro_clear(RequestOwner *self)
     Py_CLEAR(self->send);
     Py_CLEAR(self->method);
     Py_CLEAR(self->route);
+    Py_CLEAR(self->token);
     return 0;
 }
 
@@ -1345,8 +1358,7 @@ typedef struct {
     PyObject *receive;
     PyObject *send;
     PyObject *root_path;
-    RequestOwner *owner;
-    PyObject *token;
+    RequestOwner *owner;    /* its token is the context variable's */
     PyObject *inner;        /* the app's awaitable, as an iterator */
     double start;
     int state;
@@ -1431,18 +1443,18 @@ rc_begin(RequestCall *self)
     if (self->owner == NULL) {
         return -1;
     }
-    self->token = PyContextVar_Set(owner_var, (PyObject *)self->owner);
-    if (self->token == NULL) {
+    self->owner->token = PyContextVar_Set(owner_var, (PyObject *)self->owner);
+    if (self->owner->token == NULL) {
         return -1;
     }
     if (PySet_Add(path->in_flight, (PyObject *)self->owner) < 0) {
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
-        if (PyContextVar_Reset(owner_var, self->token) < 0) {
+        if (PyContextVar_Reset(owner_var, self->owner->token) < 0) {
             PyErr_Clear();
         }
         PyErr_Restore(type, value, tb);
-        Py_CLEAR(self->token);
+        Py_CLEAR(self->owner->token);
         return -1;
     }
     self->start = now();
@@ -1488,7 +1500,7 @@ rc_end(RequestCall *self, int failed, int reset)
         Py_XDECREF(r);
     }
     Py_XDECREF(missed);
-    if (PyContextVar_Reset(owner_var, self->token) < 0) {
+    if (owner->token != NULL && PyContextVar_Reset(owner_var, owner->token) < 0) {
         if (reset) {
             internal_error(path, "recording a request");
         }
@@ -1496,7 +1508,7 @@ rc_end(RequestCall *self, int failed, int reset)
             PyErr_Clear(); /* finalized outside the request's context, which is gone */
         }
     }
-    Py_CLEAR(self->token);
+    Py_CLEAR(owner->token); /* the owner may outlive the request: not its context too */
     PyErr_Restore(type, value, tb);
 }
 
@@ -1512,11 +1524,11 @@ rc_start(RequestCall *self)
     }
     if (rc == -1) {
         internal_error(self->path, "starting a request");
-        if (self->token != NULL) {
-            if (PyContextVar_Reset(owner_var, self->token) < 0) {
+        if (self->owner != NULL && self->owner->token != NULL) {
+            if (PyContextVar_Reset(owner_var, self->owner->token) < 0) {
                 PyErr_Clear();
             }
-            Py_CLEAR(self->token);
+            Py_CLEAR(self->owner->token);
         }
         self->state = RC_UNMEASURED;
         PyObject *app_args[3] = {self->scope, self->receive, self->send};
@@ -1715,7 +1727,6 @@ rc_traverse(RequestCall *self, visitproc visit, void *arg)
     Py_VISIT(self->send);
     Py_VISIT(self->root_path);
     Py_VISIT(self->owner);
-    Py_VISIT(self->token);
     Py_VISIT(self->inner);
     return 0;
 }
@@ -1729,7 +1740,6 @@ rc_clear(RequestCall *self)
     Py_CLEAR(self->send);
     Py_CLEAR(self->root_path);
     Py_CLEAR(self->owner);
-    Py_CLEAR(self->token);
     Py_CLEAR(self->inner);
     return 0;
 }
@@ -1825,7 +1835,6 @@ rp_vectorcall(RequestPath *self, PyObject *const *args, size_t nargsf, PyObject 
     call->send = Py_NewRef(args[2]);
     call->root_path = NULL;
     call->owner = NULL;
-    call->token = NULL;
     call->inner = NULL;
     call->start = 0.0;
     call->state = RC_NEW;
@@ -1929,6 +1938,220 @@ static PyTypeObject RequestPathType = {
     .tp_traverse = (traverseproc)rp_traverse,
     .tp_clear = (inquiry)rp_clear,
 };
+
+/* -- FinalSend: the last body goes out without the request in its context ------------------ */
+
+/* The server's send of a request's last body message, while the request's owner is not in
+ * the context: a server that starts a timer there (uvicorn's keep-alive timeout) copies the
+ * context, and the copy, kept until the timer is gone (seconds), would otherwise keep the
+ * owner and the context variable's HAMT nodes of every request: a few objects per request
+ * that drive the garbage collector. The owner is back in the context as each step of the
+ * send returns, so the rest of the request (background tasks) is charged to it as before. */
+typedef struct {
+    PyObject_HEAD
+    RequestOwner *owner;
+    PyObject *it;           /* the server's awaitable, as an iterator */
+} FinalSend;
+
+static PyTypeObject FinalSendType;
+
+/* Take the owner out of the current context, if this is the request's own (1: taken). */
+static int
+owner_out(RequestOwner *owner)
+{
+    if (owner->token == NULL) {
+        return 0;
+    }
+    PyObject *current = NULL;
+    if (PyContextVar_Get(owner_var, NULL, &current) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_XDECREF(current);
+    if (current != (PyObject *)owner || PyContextVar_Reset(owner_var, owner->token) < 0) {
+        PyErr_Clear(); /* another task's context (it inherited the owner): left as it is */
+        return 0;
+    }
+    Py_CLEAR(owner->token);
+    return 1;
+}
+
+static void
+owner_in(RequestOwner *owner)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    owner->token = PyContextVar_Set(owner_var, (PyObject *)owner);
+    if (owner->token == NULL) {
+        PyErr_WriteUnraisable((PyObject *)owner);
+    }
+    PyErr_Restore(type, value, tb);
+}
+
+static PySendResult
+fs_am_send(FinalSend *self, PyObject *arg, PyObject **result)
+{
+    int out = owner_out(self->owner);
+    PySendResult status = PyIter_Send(self->it, arg, result);
+    if (out) {
+        owner_in(self->owner);
+    }
+    return status;
+}
+
+static PyObject *
+fs_send(FinalSend *self, PyObject *arg)
+{
+    PyObject *result;
+    PySendResult status = fs_am_send(self, arg, &result);
+    if (status == PYGEN_RETURN) {
+        if (result == Py_None) {
+            Py_DECREF(result);
+            PyErr_SetNone(PyExc_StopIteration);
+            return NULL;
+        }
+        PyObject *exc = PyObject_CallOneArg(PyExc_StopIteration, result);
+        Py_DECREF(result);
+        if (exc != NULL) {
+            PyErr_SetObject(PyExc_StopIteration, exc);
+            Py_DECREF(exc);
+        }
+        return NULL;
+    }
+    return status == PYGEN_NEXT ? result : NULL;
+}
+
+static PyObject *
+fs_iternext(FinalSend *self)
+{
+    return fs_send(self, Py_None);
+}
+
+static PyObject *
+fs_throw(FinalSend *self, PyObject *args)
+{
+    PyObject *throw = PyObject_GetAttr(self->it, s_throw);
+    if (throw == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            return NULL;
+        }
+        PyErr_Clear();
+        return raise_thrown(args);
+    }
+    int out = owner_out(self->owner);
+    PyObject *result = PyObject_Call(throw, args, NULL);
+    Py_DECREF(throw);
+    if (out) {
+        owner_in(self->owner);
+    }
+    return result;
+}
+
+static PyObject *
+fs_close(FinalSend *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *close = PyObject_GetAttr(self->it, s_close);
+    if (close == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            return NULL;
+        }
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    PyObject *result = PyObject_CallNoArgs(close);
+    Py_DECREF(close);
+    return result;
+}
+
+static PyObject *
+fs_await(FinalSend *self)
+{
+    return Py_NewRef(self);
+}
+
+static PyObject *
+fs_get_await(FinalSend *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->it);
+}
+
+static int
+fs_traverse(FinalSend *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->owner);
+    Py_VISIT(self->it);
+    return 0;
+}
+
+static int
+fs_clear(FinalSend *self)
+{
+    Py_CLEAR(self->owner);
+    Py_CLEAR(self->it);
+    return 0;
+}
+
+static void
+fs_dealloc(FinalSend *self)
+{
+    PyObject_GC_UnTrack(self);
+    fs_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyMethodDef fs_methods[] = {
+    {"send", (PyCFunction)fs_send, METH_O, "Run the send's next step."},
+    {"throw", (PyCFunction)fs_throw, METH_VARARGS, "Throw into the server's send."},
+    {"close", (PyCFunction)fs_close, METH_NOARGS, "Close the server's send."},
+    {NULL},
+};
+
+static PyGetSetDef fs_getset[] = {
+    {"cr_await", (getter)fs_get_await, NULL, "The server's awaitable.", NULL},
+    {NULL},
+};
+
+static PyAsyncMethods fs_as_async = {
+    .am_await = (unaryfunc)fs_await,
+    .am_send = (sendfunc)fs_am_send,
+};
+
+static PyTypeObject FinalSendType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._speedups.FinalSend",
+    .tp_doc = "The server's send of a request's last body, without the request in the context.",
+    .tp_basicsize = sizeof(FinalSend),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_dealloc = (destructor)fs_dealloc,
+    .tp_traverse = (traverseproc)fs_traverse,
+    .tp_clear = (inquiry)fs_clear,
+    .tp_as_async = &fs_as_async,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)fs_iternext,
+    .tp_methods = fs_methods,
+    .tp_getset = fs_getset,
+};
+
+/* The server's send(message) for the last body: a FinalSend around its awaitable. */
+static PyObject *
+final_send(RequestOwner *owner, PyObject *awaitable)
+{
+    PyObject *it = await_iter(awaitable);
+    if (it == NULL) { /* not awaitable: for the app to find, as without loopwatch */
+        PyErr_Clear();
+        return awaitable;
+    }
+    Py_DECREF(awaitable);
+    FinalSend *self = PyObject_GC_New(FinalSend, &FinalSendType);
+    if (self == NULL) {
+        Py_DECREF(it);
+        return NULL;
+    }
+    self->owner = (RequestOwner *)Py_NewRef(owner);
+    self->it = it;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
 
 /* -- AsgiEntry: the middleware's __call__ ---------------------------------------------------- */
 
@@ -2178,7 +2401,7 @@ PyInit__speedups(void)
             PyType_Ready(&TotalsType) < 0 || PyType_Ready(&StepStateType) < 0 ||
             PyType_Ready(&ReraiserType) < 0 || PyType_Ready(&TaskFactoryType) < 0 ||
             PyType_Ready(&RequestPathType) < 0 || PyType_Ready(&RequestCallType) < 0 ||
-            PyType_Ready(&AsgiEntryType) < 0) {
+            PyType_Ready(&AsgiEntryType) < 0 || PyType_Ready(&FinalSendType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module_def);

@@ -936,3 +936,51 @@ def test_c_request_path_leaks_no_references() -> None:
         mw._stop()
 
     asyncio.run(main())
+
+
+def test_c_request_path_sends_the_last_body_without_the_request_in_the_context() -> None:
+    """A server that starts a timer as the last body goes out (uvicorn's keep-alive timeout)
+    copies the context: the copy does not hold the request's owner, which would keep it and
+    the context variable's nodes alive for seconds per request. What runs after the body in
+    the same request (background tasks) is still charged to it."""
+    c = _c()
+    from prometheus_client import CollectorRegistry
+
+    from loopwatch import LoopWatchMiddleware
+
+    timers: list[Any] = []
+    seen: dict[str, Any] = {}
+
+    async def server_send(message: Any) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            seen["owner in the send"] = current_owner.get()
+            timers.append(asyncio.get_running_loop().call_later(60, lambda: None))
+        await asyncio.sleep(0)  # and a send that suspends once (a full transport)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x"})
+        seen["owner after the send"] = current_owner.get()
+        busy = time.thread_time() + 0.02  # a background task's work, after the body
+        while time.thread_time() < busy:
+            pass
+
+    mw = LoopWatchMiddleware(app, registry=CollectorRegistry(), log_blocks=False)
+
+    async def main() -> None:
+        await mw(_http("/warm-up"), _receive, server_send)
+        await asyncio.sleep(0)
+        before = mw._by_label[("GET", "<unmatched>")].totals.snapshot()
+        request = mw(_http(), _receive, server_send)
+        assert isinstance(request, c.RequestCall)
+        await request
+        after = mw._by_label[("GET", "<unmatched>")].totals.snapshot()
+        seen["blocking"] = after[3] - before[3]
+        assert current_owner.get() is None
+        mw._stop()
+
+    asyncio.run(main())
+    assert seen["owner in the send"] is None
+    assert seen["owner after the send"] is not None
+    assert timers[-1]._context.get(current_owner) is None
+    assert seen["blocking"] >= 0.02
