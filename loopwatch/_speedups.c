@@ -265,24 +265,49 @@ current_owner_value(void)
 static int inline_run; /* configure(): the original's body is the one this file runs */
 
 /* Stands in for a handle's context while the original Handle._run reports an exception:
- * its run() raises that very exception (traceback and all) inside the original's try. */
+ * its first run() raises that very exception (traceback and all) inside the original's try.
+ * Any later run() is the context's own: from Python 3.12 on the loop runs a custom
+ * exception handler in the handle's context (handle.get_context().run(handler, ...)). */
 typedef struct {
     PyObject_HEAD
-    PyObject *exc;
+    PyObject *exc;          /* NULL once raised */
+    PyObject *ctx;          /* the handle's own context */
 } Reraiser;
 
 static PyObject *
-reraiser_run(Reraiser *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(n))
+reraiser_run(Reraiser *self, PyObject *const *args, Py_ssize_t n)
 {
     PyObject *exc = self->exc;
-    PyErr_Restore(Py_NewRef(Py_TYPE(exc)), Py_NewRef(exc), PyException_GetTraceback(exc));
+    if (exc == NULL) {
+        PyObject *run = PyObject_GetAttr(self->ctx, s_run);
+        if (run == NULL) {
+            return NULL;
+        }
+        PyObject *result = PyObject_Vectorcall(run, args, (size_t)n, NULL);
+        Py_DECREF(run);
+        return result;
+    }
+    self->exc = NULL;
+    PyErr_Restore(Py_NewRef(Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
     return NULL;
+}
+
+static PyObject *
+reraiser_getattro(Reraiser *self, PyObject *name)
+{
+    PyObject *value = PyObject_GenericGetAttr((PyObject *)self, name);
+    if (value == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        value = PyObject_GetAttr(self->ctx, name); /* copy(), get(), ...: the context's */
+    }
+    return value;
 }
 
 static void
 reraiser_dealloc(Reraiser *self)
 {
     Py_XDECREF(self->exc);
+    Py_XDECREF(self->ctx);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -297,6 +322,7 @@ static PyTypeObject ReraiserType = {
     .tp_basicsize = sizeof(Reraiser),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_dealloc = (destructor)reraiser_dealloc,
+    .tp_getattro = (getattrofunc)reraiser_getattro,
     .tp_methods = reraiser_methods,
 };
 
@@ -354,6 +380,7 @@ run_handle(PyObject *handle, PyObject *ctx, PyObject *callback)
         return NULL;
     }
     reraiser->exc = value; /* the reference from the fetch */
+    reraiser->ctx = Py_NewRef(ctx);
     if (PyObject_SetAttr(handle, s_context, (PyObject *)reraiser) < 0) {
         Py_DECREF(reraiser);
         return NULL;
@@ -481,11 +508,11 @@ tc_am_send(TimedCoroutine *self, PyObject *arg, PyObject **result)
     return status;
 }
 
+/* An am_send result as a send() method returns it: the value yielded, or StopIteration
+ * carrying the value returned, or the exception. */
 static PyObject *
-tc_send(TimedCoroutine *self, PyObject *arg)
+send_method_result(PySendResult status, PyObject *result)
 {
-    PyObject *result;
-    PySendResult status = tc_am_send(self, arg, &result);
     if (status == PYGEN_RETURN) {
         PyObject *exc = PyObject_CallOneArg(PyExc_StopIteration, result);
         Py_DECREF(result);
@@ -496,6 +523,14 @@ tc_send(TimedCoroutine *self, PyObject *arg)
         return NULL;
     }
     return status == PYGEN_NEXT ? result : NULL;
+}
+
+static PyObject *
+tc_send(TimedCoroutine *self, PyObject *arg)
+{
+    PyObject *result;
+    PySendResult status = tc_am_send(self, arg, &result);
+    return send_method_result(status, result);
 }
 
 static PyObject *
@@ -1573,21 +1608,7 @@ rc_send(RequestCall *self, PyObject *arg)
 {
     PyObject *result;
     PySendResult status = rc_am_send(self, arg, &result);
-    if (status == PYGEN_RETURN) {
-        if (result == Py_None) {
-            Py_DECREF(result);
-            PyErr_SetNone(PyExc_StopIteration);
-            return NULL;
-        }
-        PyObject *exc = PyObject_CallOneArg(PyExc_StopIteration, result);
-        Py_DECREF(result);
-        if (exc != NULL) {
-            PyErr_SetObject(PyExc_StopIteration, exc);
-            Py_DECREF(exc);
-        }
-        return NULL;
-    }
-    return status == PYGEN_NEXT ? result : NULL;
+    return send_method_result(status, result);
 }
 
 static PyObject *
@@ -1617,6 +1638,40 @@ raise_thrown(PyObject *args)
     return NULL;
 }
 
+/* it.throw(*args); where it has no throw(), the exception is raised here, as `await` does. */
+static PyObject *
+throw_into(PyObject *it, PyObject *args)
+{
+    PyObject *throw = PyObject_GetAttr(it, s_throw);
+    if (throw == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            return NULL;
+        }
+        PyErr_Clear();
+        return raise_thrown(args);
+    }
+    PyObject *result = PyObject_Call(throw, args, NULL);
+    Py_DECREF(throw);
+    return result;
+}
+
+/* it.close(), where it has one (its result; else None). */
+static PyObject *
+close_iter(PyObject *it)
+{
+    PyObject *close = PyObject_GetAttr(it, s_close);
+    if (close == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            return NULL;
+        }
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    PyObject *result = PyObject_CallNoArgs(close);
+    Py_DECREF(close);
+    return result;
+}
+
 static PyObject *
 rc_throw(RequestCall *self, PyObject *args)
 {
@@ -1626,16 +1681,7 @@ rc_throw(RequestCall *self, PyObject *args)
     if (self->state == RC_DONE) {
         return raise_thrown(args);
     }
-    PyObject *result = NULL;
-    PyObject *throw = PyObject_GetAttr(self->inner, s_throw);
-    if (throw != NULL) {
-        result = PyObject_Call(throw, args, NULL);
-        Py_DECREF(throw);
-    }
-    else if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
-        PyErr_Clear(); /* an iterator without throw(): raised here, as `await` does */
-        raise_thrown(args);
-    }
+    PyObject *result = throw_into(self->inner, args);
     if (result != NULL) {
         return result; /* the app caught it and awaits again */
     }
@@ -1656,17 +1702,7 @@ rc_close_impl(RequestCall *self, int reset)
 {
     PyObject *result = Py_NewRef(Py_None);
     if (self->state == RC_MEASURED || self->state == RC_UNMEASURED) {
-        PyObject *close = PyObject_GetAttr(self->inner, s_close);
-        if (close != NULL) {
-            Py_SETREF(result, PyObject_CallNoArgs(close));
-            Py_DECREF(close);
-        }
-        else if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            PyErr_Clear();
-        }
-        else {
-            Py_CLEAR(result);
-        }
+        Py_SETREF(result, close_iter(self->inner));
         if (self->state == RC_MEASURED) {
             rc_end(self, 1, reset); /* GeneratorExit: the request did not finish */
         }
@@ -2004,21 +2040,7 @@ fs_send(FinalSend *self, PyObject *arg)
 {
     PyObject *result;
     PySendResult status = fs_am_send(self, arg, &result);
-    if (status == PYGEN_RETURN) {
-        if (result == Py_None) {
-            Py_DECREF(result);
-            PyErr_SetNone(PyExc_StopIteration);
-            return NULL;
-        }
-        PyObject *exc = PyObject_CallOneArg(PyExc_StopIteration, result);
-        Py_DECREF(result);
-        if (exc != NULL) {
-            PyErr_SetObject(PyExc_StopIteration, exc);
-            Py_DECREF(exc);
-        }
-        return NULL;
-    }
-    return status == PYGEN_NEXT ? result : NULL;
+    return send_method_result(status, result);
 }
 
 static PyObject *
@@ -2030,17 +2052,8 @@ fs_iternext(FinalSend *self)
 static PyObject *
 fs_throw(FinalSend *self, PyObject *args)
 {
-    PyObject *throw = PyObject_GetAttr(self->it, s_throw);
-    if (throw == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            return NULL;
-        }
-        PyErr_Clear();
-        return raise_thrown(args);
-    }
     int out = owner_out(self->owner);
-    PyObject *result = PyObject_Call(throw, args, NULL);
-    Py_DECREF(throw);
+    PyObject *result = throw_into(self->it, args);
     if (out) {
         owner_in(self->owner);
     }
@@ -2050,17 +2063,7 @@ fs_throw(FinalSend *self, PyObject *args)
 static PyObject *
 fs_close(FinalSend *self, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *close = PyObject_GetAttr(self->it, s_close);
-    if (close == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            return NULL;
-        }
-        PyErr_Clear();
-        Py_RETURN_NONE;
-    }
-    PyObject *result = PyObject_CallNoArgs(close);
-    Py_DECREF(close);
-    return result;
+    return close_iter(self->it);
 }
 
 static PyObject *
