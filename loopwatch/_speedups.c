@@ -1459,8 +1459,23 @@ await_iter(PyObject *obj)
     return NULL;
 }
 
+/* The context variable back as before the request (with the token its RequestCall set):
+ * 0, or -1 with the error set and the token kept (another task's context, say). */
+static int
+owner_reset(RequestOwner *owner)
+{
+    if (owner->token == NULL) {
+        return 0;
+    }
+    if (PyContextVar_Reset(owner_var, owner->token) < 0) {
+        return -1;
+    }
+    Py_CLEAR(owner->token);
+    return 0;
+}
+
 /* The request's start, in its first step: owner, context variable, in flight, clock, then
- * the app. -1: loopwatch failed (nothing set up is left behind); -2: the app failed. */
+ * the app. -1: loopwatch failed (rc_start undoes what was set up); -2: the app failed. */
 static int
 rc_begin(RequestCall *self)
 {
@@ -1483,13 +1498,6 @@ rc_begin(RequestCall *self)
         return -1;
     }
     if (PySet_Add(path->in_flight, (PyObject *)self->owner) < 0) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        if (PyContextVar_Reset(owner_var, self->owner->token) < 0) {
-            PyErr_Clear();
-        }
-        PyErr_Restore(type, value, tb);
-        Py_CLEAR(self->owner->token);
         return -1;
     }
     self->start = now();
@@ -1535,7 +1543,7 @@ rc_end(RequestCall *self, int failed, int reset)
         Py_XDECREF(r);
     }
     Py_XDECREF(missed);
-    if (owner->token != NULL && PyContextVar_Reset(owner_var, owner->token) < 0) {
+    if (owner_reset(owner) < 0) {
         if (reset) {
             internal_error(path, "recording a request");
         }
@@ -1559,8 +1567,8 @@ rc_start(RequestCall *self)
     }
     if (rc == -1) {
         internal_error(self->path, "starting a request");
-        if (self->owner != NULL && self->owner->token != NULL) {
-            if (PyContextVar_Reset(owner_var, self->owner->token) < 0) {
+        if (self->owner != NULL) {
+            if (owner_reset(self->owner) < 0) {
                 PyErr_Clear();
             }
             Py_CLEAR(self->owner->token);
@@ -1998,17 +2006,12 @@ owner_out(RequestOwner *owner)
     if (owner->token == NULL) {
         return 0;
     }
-    PyObject *current = NULL;
-    if (PyContextVar_Get(owner_var, NULL, &current) < 0) {
-        PyErr_Clear();
-        return 0;
-    }
+    PyObject *current = current_owner_value();
     Py_XDECREF(current);
-    if (current != (PyObject *)owner || PyContextVar_Reset(owner_var, owner->token) < 0) {
+    if (current != (PyObject *)owner || owner_reset(owner) < 0) {
         PyErr_Clear(); /* another task's context (it inherited the owner): left as it is */
         return 0;
     }
-    Py_CLEAR(owner->token);
     return 1;
 }
 
