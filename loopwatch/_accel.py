@@ -56,7 +56,7 @@ if speedups is not None:
 class _PyStepState:
     """What the step hooks write on a monitor (``_speedups.StepState`` is its C twin)."""
 
-    __slots__ = ("active", "busy", "step_start", "threshold")
+    __slots__ = ("_closing", "active", "busy", "step_start", "threshold")
 
 
 #: The base class of Monitor.

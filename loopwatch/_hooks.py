@@ -73,7 +73,7 @@ _py_timed_run = _timed_run
 if speedups is not None:
     # A method descriptor of Handle that runs the handle's callback in its context itself
     # and hands an exception from it to the original Handle._run, which reports it.
-    _timed_run = speedups.handle_run(_Handle)  # noqa: F811
+    _timed_run = speedups.handle_run(_Handle, asyncio.events.TimerHandle)  # noqa: F811
 
 # Loops in several threads (and the watchdog of a closed loop) install and uninstall.
 _hook_lock = threading.Lock()

@@ -72,12 +72,12 @@ class Monitor(StepState):  # type: ignore[misc]
     so much of them that its code held the loop for less than the threshold; Linux only).
     """
 
-    # Attributes written on every step (step_start, busy, threshold, active) are in the
-    # StepState base: C doubles where the extension was built, else plain slots.
+    # Attributes written on every step (step_start, busy, threshold, active) and by every
+    # request's end (_closing) are in the StepState base: C fields where the extension was
+    # built, else plain slots.
     __slots__ = (
         "_block_sinks",
         "_busy_reported",
-        "_closing",
         "_error_sinks",
         "_factory",
         "_idle_interval",

@@ -2,10 +2,12 @@
  *
  * What runs for every loop step and every request, and nothing else:
  *
- *   handle_run(Handle)     a method descriptor that replaces asyncio's Handle._run. It runs
- *                          the handle's one-line body itself (context.run(callback, *args))
- *                          and times it; an exception from the callback is handed to the
- *                          original Handle._run, which reports it exactly as always (asyncio)
+ *   handle_run(Handle, TimerHandle)
+ *                          a method descriptor that replaces asyncio's Handle._run. It runs
+ *                          the handle's one-line body itself (context.run(callback, *args),
+ *                          reading the fields from their slots) and times it; an exception
+ *                          from the callback is handed to the original Handle._run, which
+ *                          reports it exactly as always (asyncio)
  *   StepState              the base of Monitor: the fields every step writes, as C doubles
  *   TimedCoroutine         wraps a task's coroutine and times each step through the
  *                          am_send slot, so the C Task keeps its fast path (uvloop)
@@ -33,6 +35,85 @@
 #include "structmember.h"
 #include <time.h>
 
+#if defined(__GNUC__) || defined(__clang__)
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define NOINLINE __attribute__((noinline))  /* slow paths: out of the hot code's way */
+#else
+#define LIKELY(x) (x)
+#define UNLIKELY(x) (x)
+#define NOINLINE
+#endif
+
+/* The pending exception, set aside around loopwatch's own work and put back after it (as
+ * PyErr_Fetch/PyErr_Restore, without their cost when there is none, the usual case). */
+typedef struct {
+    PyObject *type, *value, *tb;
+} Pending;
+
+static inline void
+pending_save(Pending *p)
+{
+    p->type = p->value = p->tb = NULL;
+    if (UNLIKELY(PyErr_Occurred() != NULL)) {
+        PyErr_Fetch(&p->type, &p->value, &p->tb);
+    }
+}
+
+static inline void
+pending_restore(Pending *p)
+{
+    if (UNLIKELY(p->type != NULL)) {
+        PyErr_Restore(p->type, p->value, p->tb);
+    }
+    else if (UNLIKELY(PyErr_Occurred() != NULL)) {
+        PyErr_Clear(); /* as PyErr_Restore(NULL, NULL, NULL) */
+    }
+}
+
+/* a == b for two str, by identity, length, kind and bytes (PyUnicode_Compare otherwise) */
+static inline int
+str_eq(PyObject *a, PyObject *b)
+{
+    if (a == b) {
+        return 1;
+    }
+    if (PyUnicode_GET_LENGTH(a) != PyUnicode_GET_LENGTH(b)) {
+        return 0;
+    }
+    if (PyUnicode_IS_READY(a) && PyUnicode_IS_READY(b) &&
+            PyUnicode_KIND(a) == PyUnicode_KIND(b)) {
+        return memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b),
+                      (size_t)PyUnicode_GET_LENGTH(a) * PyUnicode_KIND(a)) == 0;
+    }
+    int cmp = PyUnicode_Compare(a, b);
+    if (cmp == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+    }
+    return cmp == 0;
+}
+
+/* str `s` starts with str `prefix` */
+static inline int
+str_startswith(PyObject *s, PyObject *prefix)
+{
+    Py_ssize_t n = PyUnicode_GET_LENGTH(prefix);
+    if (n > PyUnicode_GET_LENGTH(s)) {
+        return 0;
+    }
+    if (PyUnicode_IS_READY(s) && PyUnicode_IS_READY(prefix) &&
+            PyUnicode_KIND(s) == PyUnicode_KIND(prefix)) {
+        return memcmp(PyUnicode_DATA(s), PyUnicode_DATA(prefix),
+                      (size_t)n * PyUnicode_KIND(s)) == 0;
+    }
+    Py_ssize_t match = PyUnicode_Tailmatch(s, prefix, 0, PY_SSIZE_T_MAX, -1);
+    if (match < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return match != 0;
+}
+
 /* -- state set once by configure() ------------------------------------------------------ */
 
 static PyObject *owner_var;      /* the ContextVar holding the current owner */
@@ -44,7 +125,7 @@ static PyObject *zero_float;
 static PyObject *s_step_start, *s_busy, *s_threshold, *s_on_block, *s_monitor_attr,
     *s_loop, *s_context, *s_callback, *s_get, *s_type, *s_status, *s_more_body,
     *s_response_start, *s_close, *s_throw, *s_await, *s_run, *s_args, *s_wrapped, *s_get_coro,
-    *s_context_kw, *kw_loop, *kw_loop_context, *s_closing, *s_route, *s_root_path, *s_method,
+    *s_context_kw, *kw_loop, *kw_loop_context, *s_route, *s_root_path, *s_method,
     *s_http, *s_path, *s_empty, *s_record_first, *s_own_call, *s_serve;
 
 /* The clock of time.perf_counter(), as the watchdog thread reads it. */
@@ -87,7 +168,71 @@ typedef struct {
     double busy;
     double threshold;
     char active;
+    double closing_start;   /* _closing: the step in which a request finished ... */
+    PyObject *closing_owner; /* ... and its owner (NULL: none) */
 } StepState;
+
+/* _closing: (start of the step in which the last request finished, its owner), for a block
+ * event of that step to name the request (Monitor.note_finished and finish() set it). */
+static PyObject *
+ss_get_closing(StepState *self, void *Py_UNUSED(closure))
+{
+    return Py_BuildValue("(dO)", self->closing_start,
+                         self->closing_owner ? self->closing_owner : Py_None);
+}
+
+static int
+ss_set_closing(StepState *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL || !PyTuple_Check(value) || PyTuple_GET_SIZE(value) != 2 ||
+            !PyFloat_Check(PyTuple_GET_ITEM(value, 0))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_closing must be a (start, owner) tuple, start a float");
+        return -1;
+    }
+    PyObject *owner = PyTuple_GET_ITEM(value, 1);
+    self->closing_start = PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(value, 0));
+    Py_XSETREF(self->closing_owner, owner == Py_None ? NULL : Py_NewRef(owner));
+    return 0;
+}
+
+static PyGetSetDef ss_getset[] = {
+    {"_closing", (getter)ss_get_closing, (setter)ss_set_closing,
+     "(start of the step in which the last request finished, its owner).", NULL},
+    {NULL},
+};
+
+static int
+ss_traverse(StepState *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->closing_owner);
+    return 0;
+}
+
+static int
+ss_clear(StepState *self)
+{
+    Py_CLEAR(self->closing_owner);
+    return 0;
+}
+
+static void
+ss_dealloc(StepState *self)
+{
+    PyObject_GC_UnTrack(self);
+    ss_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The request finishing in the step that started at `start` (a new owner for _closing). */
+static inline void
+ss_note_closing(StepState *self, double start, PyObject *owner)
+{
+    self->closing_start = start;
+    if (self->closing_owner != owner) {
+        Py_XSETREF(self->closing_owner, Py_NewRef(owner));
+    }
+}
 
 static PyMemberDef ss_members[] = {
     {"step_start", T_DOUBLE, offsetof(StepState, step_start), 0,
@@ -103,12 +248,39 @@ static PyTypeObject StepStateType = {
     .tp_name = "loopwatch._speedups.StepState",
     .tp_doc = "The fields a loop monitor's step hooks write (base class of Monitor).",
     .tp_basicsize = sizeof(StepState),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
     .tp_members = ss_members,
+    .tp_getset = ss_getset,
+    .tp_traverse = (traverseproc)ss_traverse,
+    .tp_clear = (inquiry)ss_clear,
+    .tp_dealloc = (destructor)ss_dealloc,
 };
 
-#define AS_STATE(mon) (PyObject_TypeCheck((mon), &StepStateType) ? (StepState *)(mon) : NULL)
+/* The monitor's StepState, if it is one (else NULL). The type last found to be one is held,
+ * so that the usual case (a Monitor, a subclass) is one comparison. */
+static PyTypeObject *state_type_seen;
+
+static NOINLINE StepState *
+as_state_slow(PyObject *mon)
+{
+    if (!PyObject_TypeCheck(mon, &StepStateType)) {
+        return NULL;
+    }
+    Py_XSETREF(state_type_seen, (PyTypeObject *)Py_NewRef(Py_TYPE(mon)));
+    return (StepState *)mon;
+}
+
+static inline StepState *
+as_state(PyObject *mon)
+{
+    if (LIKELY(Py_TYPE(mon) == state_type_seen)) {
+        return (StepState *)mon;
+    }
+    return as_state_slow(mon);
+}
+
+#define AS_STATE(mon) as_state(mon)
 
 /* -- RequestOwner ------------------------------------------------------------------------ */
 
@@ -154,8 +326,38 @@ add_float_attr(PyObject *obj, PyObject *name, double dt)
 /* After a step of dt seconds that started at t0: the monitor's busy time, the owner's
  * loop time, and a block event for a step over the threshold. `what` is the callback for
  * the event (NULL: the current task, looked up only for a block). */
-static int
-account(PyObject *mon, double t0, double dt, PyObject *owner, PyObject *what)
+/* A step over the threshold: the monitor's on_block(t0, dt, owner, what). */
+static NOINLINE int
+report_block(PyObject *mon, double t0, double dt, PyObject *owner, PyObject *what)
+{
+    PyObject *task = NULL;
+    if (what == NULL) {
+        task = PyObject_CallNoArgs(current_task);
+        if (task == NULL) {
+            return -1;
+        }
+        what = task;
+    }
+    PyObject *a = PyFloat_FromDouble(t0);
+    PyObject *b = PyFloat_FromDouble(dt);
+    PyObject *r = NULL;
+    if (a != NULL && b != NULL) {
+        PyObject *args[5] = {mon, a, b, owner, what};
+        r = PyObject_VectorcallMethod(s_on_block, args,
+                                      5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    Py_XDECREF(task);
+    if (r == NULL) {
+        return -1;
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
+static NOINLINE int
+account_slow(PyObject *mon, double t0, double dt, PyObject *owner, PyObject *what)
 {
     double threshold;
     StepState *state = AS_STATE(mon);
@@ -190,45 +392,30 @@ account(PyObject *mon, double t0, double dt, PyObject *owner, PyObject *what)
     if (dt < threshold) {
         return 0;
     }
-    PyObject *task = NULL;
-    if (what == NULL) {
-        task = PyObject_CallNoArgs(current_task);
-        if (task == NULL) {
-            return -1;
-        }
-        what = task;
-    }
-    PyObject *a = PyFloat_FromDouble(t0);
-    PyObject *b = PyFloat_FromDouble(dt);
-    PyObject *r = NULL;
-    if (a != NULL && b != NULL) {
-        PyObject *args[5] = {mon, a, b, owner, what};
-        r = PyObject_VectorcallMethod(s_on_block, args,
-                                      5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    }
-    Py_XDECREF(a);
-    Py_XDECREF(b);
-    Py_XDECREF(task);
-    if (r == NULL) {
-        return -1;
-    }
-    Py_DECREF(r);
-    return 0;
+    return report_block(mon, t0, dt, owner, what);
 }
 
-static int
-start_step(PyObject *mon, double *t0)
+static inline int
+account(PyObject *mon, double t0, double dt, PyObject *owner, PyObject *what)
 {
-    double t = now();
-    if (NOW_FAILED(t)) {
-        return -1;
+    StepState *state = as_state(mon);
+    if (LIKELY(state != NULL && (owner == Py_None || Py_IS_TYPE(owner, &RequestOwnerType)))) {
+        state->step_start = 0.0;
+        state->busy += dt;
+        if (owner != Py_None) {
+            ((RequestOwner *)owner)->busy += dt;
+        }
+        if (LIKELY(dt < state->threshold)) {
+            return 0;
+        }
+        return report_block(mon, t0, dt, owner, what);
     }
-    *t0 = t;
-    StepState *state = AS_STATE(mon);
-    if (state != NULL) {
-        state->step_start = t;
-        return 0;
-    }
+    return account_slow(mon, t0, dt, owner, what);
+}
+
+static NOINLINE int
+start_step_slow(PyObject *mon, double t)
+{
     PyObject *start = PyFloat_FromDouble(t);
     if (start == NULL) {
         return -1;
@@ -236,6 +423,22 @@ start_step(PyObject *mon, double *t0)
     int rc = PyObject_SetAttr(mon, s_step_start, start);
     Py_DECREF(start);
     return rc;
+}
+
+static inline int
+start_step(PyObject *mon, double *t0)
+{
+    double t = now();
+    if (UNLIKELY(NOW_FAILED(t))) {
+        return -1;
+    }
+    *t0 = t;
+    StepState *state = as_state(mon);
+    if (LIKELY(state != NULL)) {
+        state->step_start = t;
+        return 0;
+    }
+    return start_step_slow(mon, t);
 }
 
 static double
@@ -326,40 +529,118 @@ static PyTypeObject ReraiserType = {
     .tp_methods = reraiser_methods,
 };
 
+/* The Handle slots the hook reads, straight from the instance where its type is one whose
+ * slots handle_run() found (Handle, TimerHandle): an attribute lookup less each. */
+enum { FIELD_CONTEXT, FIELD_CALLBACK, FIELD_LOOP, FIELD_ARGS, N_FIELDS };
+static PyObject **field_names[N_FIELDS] = {&s_context, &s_callback, &s_loop, &s_args};
+static Py_ssize_t field_offsets[N_FIELDS];
+static PyTypeObject *slot_types[2]; /* borrowed: the types are kept alive by handle_run's */
+
+/* handle.<field> (a new reference). */
+static inline PyObject *
+read_field(PyObject *handle, int field)
+{
+    PyTypeObject *type = Py_TYPE(handle);
+    if (LIKELY(type == slot_types[0] || type == slot_types[1])) {
+        PyObject *value = *(PyObject **)((char *)handle + field_offsets[field]);
+        if (LIKELY(value != NULL)) {
+            return Py_NewRef(value);
+        }
+    }
+    return PyObject_GetAttr(handle, *field_names[field]);
+}
+
+/* Whether `type` keeps each field in a plain object slot (then its offset). */
+static int
+find_slots(PyTypeObject *type, Py_ssize_t *offsets)
+{
+    for (int i = 0; i < N_FIELDS; i++) {
+        PyObject *descr = _PyType_Lookup(type, *field_names[i]);
+        if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+            return 0;
+        }
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type != T_OBJECT_EX || (member->flags & READONLY)) {
+            return 0;
+        }
+        offsets[i] = member->offset;
+    }
+    return 1;
+}
+
 /* What the original Handle._run does, without entering the interpreter for it:
  * self._context.run(self._callback, *self._args). An exception other than SystemExit and
  * KeyboardInterrupt goes to the original itself, which reports it exactly as it always
  * does (message, handle, source traceback): for that one call the handle's context is a
  * Reraiser that raises it again inside the original's try. */
+static PyObject *report_failure(PyObject *handle, PyObject *ctx);
+
 static PyObject *
-run_handle(PyObject *handle, PyObject *ctx, PyObject *callback)
+run_handle(PyObject *handle, PyObject *ctx, PyObject *callback, PyObject **owner)
 {
     if (!inline_run) {
         return PyObject_CallOneArg(original_run, handle);
     }
-    PyObject *args = PyObject_GetAttr(handle, s_args);
-    if (args == NULL || !PyTuple_Check(args) || PyTuple_GET_SIZE(args) > 6) {
+    PyObject *args = read_field(handle, FIELD_ARGS);
+    if (UNLIKELY(args == NULL || !PyTuple_Check(args))) {
         Py_XDECREF(args);
         PyErr_Clear();
         return PyObject_CallOneArg(original_run, handle);
     }
-    PyObject *stack[8];
     Py_ssize_t n = PyTuple_GET_SIZE(args);
-    stack[0] = ctx;
-    stack[1] = callback;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        stack[i + 2] = PyTuple_GET_ITEM(args, i);
-    }
-    PyObject *result = PyObject_VectorcallMethod(s_run, stack, (size_t)(n + 2), NULL);
-    Py_DECREF(args);
-    if (result != NULL || PyErr_ExceptionMatches(PyExc_SystemExit) ||
-            PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
-        if (result == NULL) {
-            return NULL;
+    PyObject *result;
+    if (LIKELY(PyContext_CheckExact(ctx))) {
+        /* ctx.run(callback, *args) as Context.run does it: enter, call, exit; the owner is
+         * read on the way out, while still in the context */
+        if (UNLIKELY(PyContext_Enter(ctx) < 0)) {
+            result = NULL;
         }
+        else {
+            result = PyObject_Vectorcall(callback, &PyTuple_GET_ITEM(args, 0), (size_t)n, NULL);
+            if (owner != NULL) {
+                Pending pending;
+                pending_save(&pending);
+                *owner = current_owner_value();
+                if (*owner == NULL) {
+                    PyErr_Clear(); /* not found: the caller looks again, outside */
+                }
+                pending_restore(&pending);
+            }
+            if (UNLIKELY(PyContext_Exit(ctx) < 0)) {
+                Py_CLEAR(result);
+            }
+        }
+    }
+    else if (n <= 6) {
+        PyObject *stack[8];
+        stack[0] = ctx;
+        stack[1] = callback;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            stack[i + 2] = PyTuple_GET_ITEM(args, i);
+        }
+        result = PyObject_VectorcallMethod(s_run, stack, (size_t)(n + 2), NULL);
+    }
+    else {
+        Py_DECREF(args);
+        return PyObject_CallOneArg(original_run, handle);
+    }
+    Py_DECREF(args);
+    if (LIKELY(result != NULL)) {
         Py_DECREF(result);
         Py_RETURN_NONE;
     }
+    if (PyErr_ExceptionMatches(PyExc_SystemExit) ||
+            PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+        return NULL;
+    }
+    return report_failure(handle, ctx);
+}
+
+/* The callback's exception (pending), reported by the original Handle._run. */
+static NOINLINE PyObject *
+report_failure(PyObject *handle, PyObject *ctx)
+{
+    PyObject *result;
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     PyErr_NormalizeException(&type, &value, &tb);
@@ -395,14 +676,30 @@ run_handle(PyObject *handle, PyObject *ctx, PyObject *callback)
     return result;
 }
 
+/* ctx.get(owner_var) (a new reference), without a method call where it is a Context: enter,
+ * read, leave. */
+static NOINLINE PyObject *
+context_owner(PyObject *ctx)
+{
+    if (PyContext_CheckExact(ctx) && PyContext_Enter(ctx) == 0) {
+        PyObject *owner = current_owner_value();
+        if (PyContext_Exit(ctx) < 0) {
+            Py_CLEAR(owner);
+        }
+        return owner;
+    }
+    PyErr_Clear(); /* no Context, or one entered elsewhere */
+    return PyObject_CallMethodOneArg(ctx, s_get, owner_var);
+}
+
 static PyObject *
 timed_run(PyObject *handle, PyObject *Py_UNUSED(ignored))
 {
     /* The handle's fields, read once: for the run and for the accounting after it. */
-    PyObject *ctx = PyObject_GetAttr(handle, s_context);
-    PyObject *callback = ctx ? PyObject_GetAttr(handle, s_callback) : NULL;
-    PyObject *loop = callback ? PyObject_GetAttr(handle, s_loop) : NULL;
-    if (loop == NULL) { /* no Handle as asyncio makes them: the original's business */
+    PyObject *ctx = read_field(handle, FIELD_CONTEXT);
+    PyObject *callback = ctx ? read_field(handle, FIELD_CALLBACK) : NULL;
+    PyObject *loop = callback ? read_field(handle, FIELD_LOOP) : NULL;
+    if (UNLIKELY(loop == NULL)) { /* no Handle as asyncio makes them: the original's business */
         Py_XDECREF(ctx);
         Py_XDECREF(callback);
         PyErr_Clear();
@@ -419,32 +716,25 @@ timed_run(PyObject *handle, PyObject *Py_UNUSED(ignored))
         PyErr_Clear(); /* a Handle of a loop that is no BaseEventLoop */
     }
     double t0;
-    if (mon != NULL && mon != Py_None && start_step(mon, &t0) < 0) {
+    if (mon != NULL && mon != Py_None && UNLIKELY(start_step(mon, &t0) < 0)) {
         PyErr_WriteUnraisable(mon); /* never the app's problem: run it untimed */
         Py_CLEAR(mon);
     }
-    PyObject *result = run_handle(handle, ctx, callback);
-    if (mon != NULL && mon != Py_None) {
+    int timed = mon != NULL && mon != Py_None;
+    PyObject *owner = NULL; /* read in the context as the callback leaves it, if possible */
+    PyObject *result = run_handle(handle, ctx, callback, timed ? &owner : NULL);
+    if (timed) {
         double dt = elapsed(t0);
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyObject *owner = NULL;
-        /* ctx.get(owner_var), without a method call: enter, read, leave */
-        if (PyContext_CheckExact(ctx) && PyContext_Enter(ctx) == 0) {
-            owner = current_owner_value();
-            if (PyContext_Exit(ctx) < 0) {
-                Py_CLEAR(owner);
-            }
-        }
-        else {
-            PyErr_Clear(); /* no Context, or one entered elsewhere */
-            owner = PyObject_CallMethodOneArg(ctx, s_get, owner_var);
+        Pending pending;
+        pending_save(&pending);
+        if (owner == NULL) { /* not read on the way out: ctx.get(owner_var) */
+            owner = context_owner(ctx);
         }
         if (owner == NULL || account(mon, t0, dt, owner, callback) < 0) {
             PyErr_WriteUnraisable(mon);
         }
         Py_XDECREF(owner);
-        PyErr_Restore(type, value, tb);
+        pending_restore(&pending);
     }
     Py_XDECREF(mon);
     Py_DECREF(ctx);
@@ -458,13 +748,34 @@ static PyMethodDef timed_run_def = {
 };
 
 static PyObject *
-handle_run(PyObject *Py_UNUSED(module), PyObject *handle_type)
+handle_run(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (!PyType_Check(handle_type)) {
-        PyErr_SetString(PyExc_TypeError, "handle_run() takes the Handle class");
+    if (nargs < 1 || nargs > 2 || !PyType_Check(args[0]) ||
+            (nargs == 2 && !PyType_Check(args[1]))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "handle_run() takes the Handle class (and TimerHandle)");
         return NULL;
     }
-    return PyDescr_NewMethod((PyTypeObject *)handle_type, &timed_run_def);
+    PyObject *run = PyDescr_NewMethod((PyTypeObject *)args[0], &timed_run_def);
+    if (run == NULL) {
+        return NULL;
+    }
+    /* Each type's fields straight from its slots, where they are plain slots at the same
+     * offsets for all of them; else by attribute, as before. */
+    Py_ssize_t offsets[N_FIELDS], other[N_FIELDS];
+    int fast = find_slots((PyTypeObject *)args[0], offsets);
+    if (fast && nargs == 2) {
+        fast = find_slots((PyTypeObject *)args[1], other) &&
+            memcmp(offsets, other, sizeof(offsets)) == 0;
+    }
+    slot_types[0] = slot_types[1] = NULL;
+    if (fast) {
+        memcpy(field_offsets, offsets, sizeof(offsets));
+        /* kept alive by the descriptor (the first) and by the module that defines both */
+        slot_types[0] = (PyTypeObject *)args[0];
+        slot_types[1] = (PyTypeObject *)args[nargs - 1];
+    }
+    return run;
 }
 
 /* -- TimedCoroutine (uvloop) -------------------------------------------------------------- */
@@ -484,14 +795,14 @@ static void
 end_task_step(PyObject *mon, double t0)
 {
     double dt = elapsed(t0);
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
+    Pending pending;
+    pending_save(&pending);
     PyObject *owner = current_owner_value();
     if (owner == NULL || account(mon, t0, dt, owner, NULL) < 0) {
         PyErr_WriteUnraisable(mon);
     }
     Py_XDECREF(owner);
-    PyErr_Restore(type, value, tb);
+    pending_restore(&pending);
 }
 
 static PySendResult
@@ -837,7 +1148,8 @@ ro_vectorcall(RequestOwner *self, PyObject *const *args, size_t nargsf, PyObject
     if (PyDict_CheckExact(message)) {
         PyObject *type = PyDict_GetItemWithError(message, s_type);
         if (type != NULL && PyUnicode_Check(type)) {
-            if (PyUnicode_Compare(type, s_response_start) == 0) {
+            if (PyUnicode_CheckExact(type) ? str_eq(type, s_response_start)
+                                           : PyUnicode_Compare(type, s_response_start) == 0) {
                 PyObject *status = PyDict_GetItemWithError(message, s_status);
                 if (status != NULL && PyLong_Check(status)) {
                     long value = PyLong_AsLong(status);
@@ -1277,9 +1589,60 @@ release_owner(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
  * route label), if any, and the owner is released. Returns None when recorded, else
  * (status, duration, blocking) for the caller to record (and release) after the lookup.
  * The twin of _middleware._py_finish. */
+/* The cache entry a RequestPath used last, and its key: most requests repeat it. */
+typedef struct {
+    PyObject *method;       /* the raw method (a str) */
+    PyObject *route;        /* the matched route, by identity (held: its id stays its own) */
+    PyObject *entry;        /* (route, totals, method label, route label) */
+} LastHit;
+
+static void
+last_hit_clear(LastHit *last)
+{
+    Py_CLEAR(last->method);
+    Py_CLEAR(last->route);
+    Py_CLEAR(last->entry);
+}
+
+static inline int
+same_method(PyObject *a, PyObject *b)
+{
+    return a == b || (PyUnicode_CheckExact(a) && PyUnicode_CheckExact(b) && str_eq(a, b));
+}
+
+/* cache[(method, id(route))] where it is a usable entry (borrowed), else NULL (an error set,
+ * or not). `last`, if any, is asked first and then remembers the answer. */
+static PyObject *
+cached_entry(PyObject *cache, PyObject *method, PyObject *route, LastHit *last)
+{
+    if (last != NULL && last->entry != NULL && last->route == route &&
+            same_method(last->method, method)) {
+        return last->entry;
+    }
+    PyObject *id = PyLong_FromVoidPtr(route);
+    PyObject *key = id ? PyTuple_Pack(2, method, id) : NULL;
+    Py_XDECREF(id);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *entry = PyDict_GetItemWithError(cache, key);
+    Py_DECREF(key);
+    if (entry == NULL || !PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 4 ||
+            PyTuple_GET_ITEM(entry, 0) != route ||
+            !Py_IS_TYPE(PyTuple_GET_ITEM(entry, 1), &TotalsType)) {
+        return NULL;
+    }
+    if (last != NULL && PyUnicode_CheckExact(method)) {
+        Py_XSETREF(last->method, Py_NewRef(method));
+        Py_XSETREF(last->route, Py_NewRef(route));
+        Py_XSETREF(last->entry, Py_NewRef(entry));
+    }
+    return entry;
+}
+
 static PyObject *
 finish_impl(RequestOwner *owner, PyObject *mon, double start, PyObject *cache, PyObject *scope,
-            PyObject *root_path)
+            PyObject *root_path, LastHit *last)
 {
     double t = now();
     if (NOW_FAILED(t)) {
@@ -1292,12 +1655,7 @@ finish_impl(RequestOwner *owner, PyObject *mon, double start, PyObject *cache, P
         return NULL;
     }
     if (state != NULL && state->step_start != 0.0) {
-        PyObject *closing = Py_BuildValue("(dO)", state->step_start, (PyObject *)owner);
-        if (closing == NULL || PyObject_SetAttr(mon, s_closing, closing) < 0) {
-            Py_XDECREF(closing);
-            return NULL;
-        }
-        Py_DECREF(closing);
+        ss_note_closing(state, state->step_start, (PyObject *)owner);
         blocking += t - state->step_start;
     }
     long status = owner->status ? owner->status : 500;
@@ -1325,20 +1683,11 @@ finish_impl(RequestOwner *owner, PyObject *mon, double start, PyObject *cache, P
         return NULL;
     }
     if (same_root && method != NULL) {
-        PyObject *id = PyLong_FromVoidPtr(route);
-        PyObject *key = id ? PyTuple_Pack(2, method, id) : NULL;
-        Py_XDECREF(id);
-        if (key == NULL) {
-            return NULL;
-        }
-        PyObject *entry = PyDict_GetItemWithError(cache, key);
-        Py_DECREF(key);
+        PyObject *entry = cached_entry(cache, method, route, last);
         if (entry == NULL && PyErr_Occurred()) {
             return NULL;
         }
-        if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 4 &&
-                PyTuple_GET_ITEM(entry, 0) == route &&
-                Py_IS_TYPE(PyTuple_GET_ITEM(entry, 1), &TotalsType)) {
+        if (entry != NULL) {
             if (totals_record((Totals *)PyTuple_GET_ITEM(entry, 1), status, duration,
                               blocking) < 0) {
                 return NULL;
@@ -1362,7 +1711,8 @@ finish(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     if (start == -1.0 && PyErr_Occurred()) {
         return NULL;
     }
-    return finish_impl((RequestOwner *)args[0], args[1], start, args[3], args[4], args[5]);
+    return finish_impl((RequestOwner *)args[0], args[1], start, args[3], args[4], args[5],
+                       NULL);
 }
 
 /* -- the request path: the middleware's HTTP requests without a Python coroutine ------------ */
@@ -1377,9 +1727,11 @@ typedef struct {
     PyObject *app;
     PyObject *monitor;      /* a StepState */
     PyObject *exclude;      /* frozenset of excluded paths */
+    PyObject *exclude_items; /* the same as a tuple, while few and all str (else NULL) */
     PyObject *prefixes;     /* tuple of excluded prefixes */
     PyObject *cache;        /* the middleware's (method, id(route)) -> totals cache */
     PyObject *in_flight;    /* the middleware's set of owners in flight */
+    LastHit last;           /* the cache entry used last */
     unsigned long thread;   /* the thread of the monitor's loop */
     vectorcallfunc vectorcall;
 } RequestPath;
@@ -1520,8 +1872,8 @@ rc_end(RequestCall *self, int failed, int reset)
 {
     RequestPath *path = self->path;
     RequestOwner *owner = self->owner;
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
+    Pending pending;
+    pending_save(&pending);
     self->state = RC_DONE;
     if (failed && owner->status == 0) {
         owner->status = 500;
@@ -1530,7 +1882,7 @@ rc_end(RequestCall *self, int failed, int reset)
         internal_error(path, "recording a request");
     }
     PyObject *missed = finish_impl(owner, path->monitor, self->start, path->cache, self->scope,
-                                   self->root_path);
+                                   self->root_path, &path->last);
     if (missed == NULL) {
         internal_error(path, "recording a request");
     }
@@ -1552,7 +1904,7 @@ rc_end(RequestCall *self, int failed, int reset)
         }
     }
     Py_CLEAR(owner->token); /* the owner may outlive the request: not its context too */
-    PyErr_Restore(type, value, tb);
+    pending_restore(&pending);
 }
 
 /* The first step: set up and start; on a failure of loopwatch's own, the app runs
@@ -1834,6 +2186,38 @@ static PyTypeObject RequestCallType = {
     .tp_getset = rc_getset,
 };
 
+/* Whether `path` (a str) is excluded: one of the excluded paths, or under one of their
+ * prefixes (-1: an error). A few excluded paths are compared by length first, without
+ * hashing the path. */
+static int
+path_excluded(RequestPath *self, PyObject *path)
+{
+    Py_ssize_t length = PyUnicode_GET_LENGTH(path);
+    if (self->exclude_items != NULL) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->exclude_items); i++) {
+            PyObject *item = PyTuple_GET_ITEM(self->exclude_items, i);
+            if (PyUnicode_GET_LENGTH(item) == length) {
+                if (str_eq(path, item)) {
+                    return 1;
+                }
+            }
+        }
+    }
+    else {
+        int found = PySet_Contains(self->exclude, path);
+        if (found != 0) {
+            return found;
+        }
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->prefixes); i++) {
+        PyObject *prefix = PyTuple_GET_ITEM(self->prefixes, i);
+        if (PyUnicode_GET_LENGTH(prefix) <= length && str_startswith(path, prefix)) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* path(scope, receive, send): what the middleware's __call__ returns. */
 static PyObject *
 rp_vectorcall(RequestPath *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
@@ -1847,7 +2231,8 @@ rp_vectorcall(RequestPath *self, PyObject *const *args, size_t nargsf, PyObject 
     }
     PyObject *type = PyDict_GetItemWithError(scope, s_type);
     if (type != s_http && (type == NULL || !PyUnicode_Check(type) ||
-                           PyUnicode_Compare(type, s_http) != 0)) {
+                           !(PyUnicode_CheckExact(type) ? str_eq(type, s_http)
+                                                        : PyUnicode_Compare(type, s_http) == 0))) {
         PyErr_Clear();
         goto own_coroutine;
     }
@@ -1856,13 +2241,8 @@ rp_vectorcall(RequestPath *self, PyObject *const *args, size_t nargsf, PyObject 
         PyErr_Clear();
         goto own_coroutine;
     }
-    int excluded = PySet_Contains(self->exclude, p);
-    for (Py_ssize_t i = 0; excluded == 0 && i < PyTuple_GET_SIZE(self->prefixes); i++) {
-        Py_ssize_t match = PyUnicode_Tailmatch(p, PyTuple_GET_ITEM(self->prefixes, i), 0,
-                                               PY_SSIZE_T_MAX, -1);
-        excluded = match < 0 ? -1 : (int)match;
-    }
-    if (excluded < 0) {
+    int excluded = path_excluded(self, p);
+    if (UNLIKELY(excluded < 0)) {
         PyErr_Clear();
         goto own_coroutine;
     }
@@ -1917,14 +2297,30 @@ rp_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
             return NULL;
         }
     }
+    PyObject *items = NULL; /* few excluded paths, all str: a tuple to compare by length */
+    if (PySet_GET_SIZE(exclude) <= 8) {
+        items = PySequence_Tuple(exclude);
+        if (items == NULL) {
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(items); i++) {
+            if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(items, i))) {
+                Py_CLEAR(items);
+                break;
+            }
+        }
+    }
     RequestPath *self = PyObject_GC_New(RequestPath, type);
     if (self == NULL) {
+        Py_XDECREF(items);
         return NULL;
     }
     self->middleware = Py_NewRef(middleware);
     self->app = Py_NewRef(app);
     self->monitor = Py_NewRef(monitor);
     self->exclude = Py_NewRef(exclude);
+    self->exclude_items = items;
+    self->last.method = self->last.route = self->last.entry = NULL;
     self->prefixes = Py_NewRef(prefixes);
     self->cache = Py_NewRef(cache);
     self->in_flight = Py_NewRef(in_flight);
@@ -1941,6 +2337,10 @@ rp_traverse(RequestPath *self, visitproc visit, void *arg)
     Py_VISIT(self->app);
     Py_VISIT(self->monitor);
     Py_VISIT(self->exclude);
+    Py_VISIT(self->exclude_items);
+    Py_VISIT(self->last.method);
+    Py_VISIT(self->last.route);
+    Py_VISIT(self->last.entry);
     Py_VISIT(self->prefixes);
     Py_VISIT(self->cache);
     Py_VISIT(self->in_flight);
@@ -1954,6 +2354,8 @@ rp_clear(RequestPath *self)
     Py_CLEAR(self->app);
     Py_CLEAR(self->monitor);
     Py_CLEAR(self->exclude);
+    Py_CLEAR(self->exclude_items);
+    last_hit_clear(&self->last);
     Py_CLEAR(self->prefixes);
     Py_CLEAR(self->cache);
     Py_CLEAR(self->in_flight);
@@ -2018,13 +2420,13 @@ owner_out(RequestOwner *owner)
 static void
 owner_in(RequestOwner *owner)
 {
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
+    Pending pending;
+    pending_save(&pending);
     owner->token = PyContextVar_Set(owner_var, (PyObject *)owner);
     if (owner->token == NULL) {
         PyErr_WriteUnraisable((PyObject *)owner);
     }
-    PyErr_Restore(type, value, tb);
+    pending_restore(&pending);
 }
 
 static PySendResult
@@ -2326,7 +2728,8 @@ clock_now(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
 static PyMethodDef module_methods[] = {
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
      "configure(owner_var, original_run, current_task, labeler, inline_run=False)"},
-    {"handle_run", handle_run, METH_O, "handle_run(Handle): a timed Handle._run."},
+    {"handle_run", (PyCFunction)(void (*)(void))handle_run, METH_FASTCALL,
+     "handle_run(Handle[, TimerHandle]): a timed Handle._run."},
     {"timed", (PyCFunction)(void (*)(void))timed, METH_FASTCALL,
      "timed(coro, monitor): a TimedCoroutine."},
     {"new_owner", (PyCFunction)(void (*)(void))new_owner, METH_FASTCALL,
@@ -2375,7 +2778,6 @@ PyInit__speedups(void)
     INTERN(s_wrapped, "wrapped");
     INTERN(s_get_coro, "get_coro");
     INTERN(s_context_kw, "context");
-    INTERN(s_closing, "_closing");
     INTERN(s_route, "route");
     INTERN(s_root_path, "root_path");
     INTERN(s_method, "method");

@@ -11,7 +11,7 @@ def configure(
     labeler: Callable[[Any], tuple[str, str]],
     inline_run: bool = ...,
 ) -> None: ...
-def handle_run(handle_type: type) -> Any: ...
+def handle_run(handle_type: type, timer_handle_type: type = ...) -> Any: ...
 def timed(coro: Any, monitor: Any) -> TimedCoroutine: ...
 def new_owner(
     scope: MutableMapping[str, Any], root_path: str, send: Callable[[Any], Awaitable[None]]
@@ -23,6 +23,7 @@ class StepState:
     busy: float
     threshold: float
     active: bool
+    _closing: tuple[float, Any]
 
 class TimedCoroutine:
     _coro: Any

@@ -1001,3 +1001,142 @@ def test_c_request_path_sends_the_last_body_without_the_request_in_the_context()
     assert seen["owner after the send"] is not None
     assert timers[-1]._context.get(current_owner) is None
     assert seen["blocking"] >= 0.02
+
+
+def test_c_request_path_excludes_paths_and_finds_each_routes_totals() -> None:
+    """Excluded paths (a few, compared by length first, or many, in a set) and their
+    prefixes; requests that alternate between routes and methods each land in their own
+    (method, route) totals, through the cache entry the C path remembers between requests,
+    exactly as the coroutine records them."""
+    c = _c()
+    from prometheus_client import CollectorRegistry
+
+    from loopwatch import LoopWatchMiddleware
+
+    class Route:
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+    routes = {"/a": Route("/a"), "/b": Route("/b/{x}")}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] in routes:
+            scope["route"] = routes[scope["path"]]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def send(message: Any) -> None:
+        pass
+
+    sequence = [("GET", "/a"), ("GET", "/a"), ("POST", "/a"), ("GET", "/b"), ("GET", "/a"),
+                ("POST", "/b"), ("BREW", "/a"), ("GET", "/none"), ("GET", "/metricz"),
+                ("GET", "/metrics"), ("GET", "/metrics/x"), ("GET", "/health"),
+                ("GET", "/healthz"), ("GET", "/b"), ("POST", "/a")] * 3
+
+    def recorded(impl: str, exclude: tuple[str, ...]) -> tuple[list[Any], list[str]]:
+        registry = CollectorRegistry()
+        types_seen: list[str] = []
+
+        async def main() -> None:
+            mw = LoopWatchMiddleware(app, registry=registry, log_blocks=False,
+                                     exclude_paths=exclude)
+            await mw(_http("/warm-up"), _receive, send)
+            await asyncio.sleep(0)
+            if impl == "python":
+                mw._serve = None
+            for method, path in sequence:
+                request = mw(dict(_http(path), method=method), _receive, send)
+                types_seen.append(type(request).__name__)
+                await request
+            mw.metrics.flush()
+            mw._stop()
+
+        asyncio.run(main())
+        requests = sorted(
+            (s.labels["method"], s.labels["route"], s.value)
+            for metric in registry.collect() if metric.name == "loopwatch_requests"
+            for s in metric.samples if s.name == "loopwatch_requests_total"
+        )
+        return requests, types_seen
+
+    few = ("/metrics", "/health")
+    many = few + tuple(f"/other{i}" for i in range(12))
+    for exclude in (few, many):
+        native, native_types = recorded("c", exclude)
+        python, _ = recorded("python", exclude)
+        assert native == python
+        assert dict(((m, r), v) for m, r, v in native) == {
+            ("GET", "/a"): 9.0, ("POST", "/a"): 6.0, ("GET", "/b/{x}"): 6.0,
+            ("POST", "/b/{x}"): 3.0, ("_OTHER", "/a"): 3.0, ("GET", "<unmatched>"): 10.0,
+        }  # the warm-up, /none, /metricz and /healthz
+        excluded = [t for (_m, p), t in zip(sequence, native_types)
+                    if p in ("/metrics", "/metrics/x", "/health")]
+        assert excluded and set(excluded) == {"coroutine"}  # the app's own, unwrapped
+        assert native_types.count("RequestCall") == len(sequence) - len(excluded)
+
+
+def test_c_handle_hook_reads_handle_slots_only_where_they_are_plain_slots() -> None:
+    """The C hook reads a Handle's or TimerHandle's fields straight from their slots; a
+    subclass that defines one of them its own way gets it read as an attribute, as the
+    original Handle._run reads it."""
+    c = _c()
+    loop = asyncio.new_event_loop()
+    calls: list[Any] = []
+    try:
+        monitor = StateMonitor(threshold=10.0)
+        loop._loopwatch_monitor = monitor  # type: ignore[attr-defined]
+        run = c.handle_run(asyncio.events.Handle, asyncio.events.TimerHandle)
+        owner = Owner("GET", "/t")
+        ctx = contextvars.copy_context()
+        ctx.run(current_owner.set, owner)
+
+        class Rerouted(asyncio.events.Handle):
+            @property  # type: ignore[misc]
+            def _callback(self) -> Any:
+                return lambda *args: calls.append(("rerouted", args))
+
+            @_callback.setter
+            def _callback(self, value: Any) -> None:
+                slot.__set__(self, value)  # the slot holds the callback it was given
+
+        slot = vars(asyncio.events.Handle)["_callback"]
+
+        timer = asyncio.TimerHandle(0.0, lambda *a: calls.append(("timer", a)), (1,), loop,
+                                    context=ctx)
+        run(timer)
+        run(Rerouted(lambda *a: calls.append(("own", a)), (2,), loop, context=ctx))
+        assert calls == [("timer", (1,)), ("rerouted", (2,))]
+        assert owner.busy > 0 and monitor.busy == pytest.approx(owner.busy, abs=1e-9)
+
+        class Odd:  # no slots where the hook looks for them
+            pass
+
+        with pytest.raises(TypeError):
+            c.handle_run()
+        c.handle_run(Odd)  # fields read as attributes from then on
+        run(asyncio.Handle(lambda *a: calls.append(("plain", a)), (3,), loop, context=ctx))
+        assert calls[-1] == ("plain", (3,))
+    finally:
+        del loop._loopwatch_monitor  # type: ignore[attr-defined]
+        c.handle_run(asyncio.events.Handle, asyncio.events.TimerHandle)
+        loop.close()
+
+
+def test_c_monitor_state_keeps_the_closing_request_for_the_collector() -> None:
+    """_closing, a C field pair on the monitor: set and read as a (start, owner) tuple, a bad
+    value refused by name, and the owner visible to the garbage collector."""
+    import gc
+
+    _c()
+    monitor = StateMonitor()
+    assert monitor._closing == (0.0, None)
+    owner = Owner("GET", "/c")
+    monitor._closing = (1.5, owner)
+    assert monitor._closing == (1.5, owner)
+    assert any(r is owner for r in gc.get_referents(monitor))
+    for bad in ((1.5,), "x", (None, owner)):
+        with pytest.raises(TypeError, match="_closing must be a"):
+            monitor._closing = bad
+    assert monitor._closing == (1.5, owner)
+    monitor._closing = (0.0, None)
+    assert monitor._closing == (0.0, None)
