@@ -230,19 +230,28 @@ def wrk(port: int, path: str, seconds: float, threads: int = 2, connections: int
     raise RuntimeError(f"wrk printed no summary:\n{out}")
 
 
-def callgrind_counts(directory: Path) -> list[int]:
-    """Instructions counted in each callgrind dump (``cg.<pid>.<n>``) in ``directory``, in
-    the order they were dumped."""
+def callgrind_events(directory: Path) -> list[dict[str, int]]:
+    """Every event counted in each callgrind dump (``cg.<pid>.<n>``) in ``directory``, in the
+    order they were dumped: ``Ir`` (instructions), and with ``--cache-sim=yes
+    --branch-sim=yes`` the simulated cache misses and mispredicted branches too."""
     dumps = sorted(directory.glob("cg.*.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))
     counts = []
     for dump in dumps:
+        events: list[str] = []
         for line in dump.read_text().splitlines():
-            if line.startswith("summary:"):
-                counts.append(int(line.split()[1]))
+            if line.startswith("events:"):
+                events = line.split()[1:]
+            elif line.startswith("summary:"):
+                counts.append(dict(zip(events, map(int, line.split()[1:]), strict=True)))
                 break
         else:
             raise RuntimeError(f"no summary in {dump}")
     return counts
+
+
+def callgrind_counts(directory: Path) -> list[int]:
+    """Instructions counted in each callgrind dump in ``directory``, in dump order."""
+    return [events["Ir"] for events in callgrind_events(directory)]
 
 
 def log(*parts: Any) -> None:

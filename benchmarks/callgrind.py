@@ -22,7 +22,14 @@ therefore stretches loopwatch's intervals by ``--time-scale`` (default 60: probe
 threshold 6 s, tick 60 s), so that they fire about as often per request as they do natively;
 the probes per request are reported so this can be checked against overhead.py.
 
+``--cache-sim`` also has callgrind simulate the caches and the branch predictor
+(``--cache-sim=yes --branch-sim=yes``) and reports, per request, the simulated first-level
+instruction- and data-cache misses and the mispredicted branches: the work that costs time
+without being instructions. The simulated machine is callgrind's model of this CPU's caches
+(one process alone on them), so these are indications of where the time goes, not timings.
+
     python benchmarks/callgrind.py [--requests 80] [--repeats 2] [--loops asyncio,uvloop]
+                                   [--cache-sim]
 """
 
 from __future__ import annotations
@@ -47,6 +54,11 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 ZERO, DUMP = "os_getppid", "os_getpgrp"
+#: With --cache-sim: first-level instruction-cache read misses, data-cache read and write
+#: misses, mispredicted conditional and indirect branches (callgrind's event names).
+SIMULATED = ("I1mr", "D1mr", "D1mw", "Bcm", "Bim")
+SIMULATED_NAMES = {"I1mr": "L1i misses", "D1mr": "L1d read misses", "D1mw": "L1d write misses",
+                   "Bcm": "mispredicted cond.", "Bim": "mispredicted ind."}
 LOOP_WORK = 4000  # callbacks or task steps per (short) segment
 
 
@@ -141,7 +153,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_loop(loop: str, variants: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    from _common import callgrind_counts
+    from _common import callgrind_events
 
     out = Path(args.keep, loop) if args.keep else Path(tempfile.mkdtemp(prefix="lw-callgrind-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -149,6 +161,7 @@ def run_loop(loop: str, variants: list[str], args: argparse.Namespace) -> dict[s
         cmd = [
             "valgrind", "--tool=callgrind", f"--zero-before={ZERO}", f"--dump-before={DUMP}",
             f"--callgrind-out-file={out}/cg.%p",
+        ] + (["--cache-sim=yes", "--branch-sim=yes"] if args.cache_sim else []) + [
             sys.executable, os.path.abspath(__file__), "--child", "--loop", loop,
             "--variants", ",".join(variants), "--requests", str(args.requests),
             "--warmup", str(args.warmup), "--concurrency", str(args.concurrency),
@@ -160,11 +173,13 @@ def run_loop(loop: str, variants: list[str], args: argparse.Namespace) -> dict[s
         if proc.returncode != 0:
             raise RuntimeError(f"callgrind run failed:\n{proc.stderr[-3000:]}")
         segments = json.loads(proc.stdout.split("SEGMENTS ", 1)[1])
-        counts = callgrind_counts(out)
+        counts = callgrind_events(out)
         if len(counts) != len(segments):
             raise RuntimeError(f"{len(counts)} dumps for {len(segments)} segments")
         for seg, count in zip(segments, counts, strict=True):
-            seg["instructions"] = count
+            seg["instructions"] = count["Ir"]
+            if args.cache_sim:
+                seg["events"] = {e: count[e] for e in SIMULATED}
         res: dict[str, Any] = {"valgrind_seconds": time.monotonic() - t}
         for workload in dict.fromkeys(s["workload"] for s in segments):
             per_variant: dict[str, Any] = {}
@@ -172,16 +187,22 @@ def run_loop(loop: str, variants: list[str], args: argparse.Namespace) -> dict[s
                                       if s["workload"] == workload):
                 mine = [s for s in segments if s["workload"] == workload and s["variant"] == name]
                 slopes, probes = [], []
+                simulated: dict[str, list[float]] = {e: [] for e in SIMULATED}
                 for short, long in zip(mine[0::2], mine[1::2], strict=True):
                     dn = long["n"] - short["n"]
                     slopes.append((long["instructions"] - short["instructions"]) / dn)
                     probes.append((long["probes"] - short["probes"]) / dn)
+                    for e in simulated if "events" in long else ():
+                        simulated[e].append((long["events"][e] - short["events"][e]) / dn)
                 per_variant[name] = {
                     "instructions": statistics.median(slopes),
                     "min": min(slopes), "max": max(slopes),
                     "probes_per_unit": statistics.median(probes),
                     "segments": mine,
                 }
+                if args.cache_sim:
+                    per_variant[name]["simulated"] = {
+                        e: statistics.median(v) for e, v in simulated.items()}
             base = per_variant["bare"]["instructions"]
             for v in per_variant.values():
                 v["ratio"] = v["instructions"] / base
@@ -211,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="also loopwatch with parts switched off (on asyncio)")
     parser.add_argument("--light", action="store_true",
                         help="requests only: no awaits, callback and task-step workloads")
+    parser.add_argument("--cache-sim", action="store_true",
+                        help="also simulate caches and branch prediction (slower)")
     parser.add_argument("--keep", help="keep callgrind's dump files under this directory")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--loop", help=argparse.SUPPRESS)
@@ -251,6 +274,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "loopwatch_vs_lightest" in res:
             log(f"  loopwatch's added instructions / the lighter competitor's: "
                 f"{res['loopwatch_vs_lightest']:.3f}")
+        if args.cache_sim:
+            base = res["request"]["bare"]["simulated"]
+            log(f"  {'simulated, per request':28} " + " ".join(
+                f"{SIMULATED_NAMES[e]:>19}" for e in SIMULATED))
+            for name, v in res["request"].items():
+                sim = v["simulated"]
+                log(f"  {name:28} " + " ".join(
+                    f"{sim[e]:9,.0f} ({sim[e] / base[e] - 1:+6.1%})" if name != "bare"
+                    else f"{sim[e]:19,.0f}" for e in SIMULATED))
         if "awaits10" not in res:
             continue
         a = res["awaits10"]
@@ -263,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log(f"  per {w:8}: bare {v['bare']['instructions']:,.0f}, watched "
                 f"{v['monitored']['instructions']:,.0f} ({v['monitored']['added']:+,.0f}; "
                 f"probes per {w}: {v['monitored']['probes_per_unit']:.4f})")
-    path = write_result("callgrind", results, command_line())
+    path = write_result("callgrind_cachesim" if args.cache_sim else "callgrind", results,
+                        command_line())
     log(f"\nwritten to {path}")
     return results
 

@@ -534,7 +534,7 @@ static PyTypeObject ReraiserType = {
 enum { FIELD_CONTEXT, FIELD_CALLBACK, FIELD_LOOP, FIELD_ARGS, N_FIELDS };
 static PyObject **field_names[N_FIELDS] = {&s_context, &s_callback, &s_loop, &s_args};
 static Py_ssize_t field_offsets[N_FIELDS];
-static PyTypeObject *slot_types[2]; /* borrowed: the types are kept alive by handle_run's */
+static PyTypeObject *slot_types[2]; /* held */
 
 /* handle.<field> (a new reference). */
 static inline PyObject *
@@ -768,12 +768,12 @@ handle_run(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         fast = find_slots((PyTypeObject *)args[1], other) &&
             memcmp(offsets, other, sizeof(offsets)) == 0;
     }
-    slot_types[0] = slot_types[1] = NULL;
+    Py_CLEAR(slot_types[0]);
+    Py_CLEAR(slot_types[1]);
     if (fast) {
         memcpy(field_offsets, offsets, sizeof(offsets));
-        /* kept alive by the descriptor (the first) and by the module that defines both */
-        slot_types[0] = (PyTypeObject *)args[0];
-        slot_types[1] = (PyTypeObject *)args[nargs - 1];
+        slot_types[0] = (PyTypeObject *)Py_NewRef(args[0]);
+        slot_types[1] = (PyTypeObject *)Py_NewRef(args[nargs - 1]);
     }
     return run;
 }
@@ -1024,7 +1024,7 @@ tf_vectorcall(TaskFactory *self, PyObject *const *args, size_t nargsf, PyObject 
     PyObject *context = Py_None;
     if (kwnames != NULL) {
         if (PyTuple_GET_SIZE(kwnames) != 1 ||
-                PyUnicode_Compare(PyTuple_GET_ITEM(kwnames, 0), s_context_kw) != 0) {
+                !str_eq(PyTuple_GET_ITEM(kwnames, 0), s_context_kw)) { /* names are str */
             PyErr_Clear();
             return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
         }
