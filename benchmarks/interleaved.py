@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ["LOOPWATCH_BLOCK_THRESHOLD"] = "60"
 
 import bench_apps  # noqa: E402
-from _common import command_line, log, write_result  # noqa: E402
+from _common import command_line, log, summary, write_result  # noqa: E402
 from _inprocess import LOOPS, Lifespan, drive, item_path  # noqa: E402
 
 
@@ -98,12 +98,9 @@ def analyse(samples: dict[str, list[float]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, xs in samples.items():
         rel = [x / b - 1 for x, b in zip(xs, base, strict=True)]
-        q1, _, q3 = statistics.quantiles(rel, n=4) if name != "bare" else (0.0, 0.0, 0.0)
-        lo, hi = median_interval(rel)
         out[name] = {
             "median_us": statistics.median(xs),
-            "relative": {"median": statistics.median(rel), "q1": q1, "q3": q3,
-                         "ci95": [lo, hi]},
+            "relative": {**summary(rel), "ci95": list(median_interval(rel))},
         }
     return out
 

@@ -93,6 +93,13 @@ str_eq(PyObject *a, PyObject *b)
     return cmp == 0;
 }
 
+/* `obj` (a str, perhaps a subclass) equals the exact str `s` */
+static inline int
+str_is(PyObject *obj, PyObject *s)
+{
+    return PyUnicode_CheckExact(obj) ? str_eq(obj, s) : PyUnicode_Compare(obj, s) == 0;
+}
+
 /* str `s` starts with str `prefix` */
 static inline int
 str_startswith(PyObject *s, PyObject *prefix)
@@ -1148,8 +1155,7 @@ ro_vectorcall(RequestOwner *self, PyObject *const *args, size_t nargsf, PyObject
     if (PyDict_CheckExact(message)) {
         PyObject *type = PyDict_GetItemWithError(message, s_type);
         if (type != NULL && PyUnicode_Check(type)) {
-            if (PyUnicode_CheckExact(type) ? str_eq(type, s_response_start)
-                                           : PyUnicode_Compare(type, s_response_start) == 0) {
+            if (str_is(type, s_response_start)) {
                 PyObject *status = PyDict_GetItemWithError(message, s_status);
                 if (status != NULL && PyLong_Check(status)) {
                     long value = PyLong_AsLong(status);
@@ -1607,7 +1613,7 @@ last_hit_clear(LastHit *last)
 static inline int
 same_method(PyObject *a, PyObject *b)
 {
-    return a == b || (PyUnicode_CheckExact(a) && PyUnicode_CheckExact(b) && str_eq(a, b));
+    return PyUnicode_CheckExact(a) && PyUnicode_CheckExact(b) && str_eq(a, b);
 }
 
 /* cache[(method, id(route))] where it is a usable entry (borrowed), else NULL (an error set,
@@ -2231,8 +2237,7 @@ rp_vectorcall(RequestPath *self, PyObject *const *args, size_t nargsf, PyObject 
     }
     PyObject *type = PyDict_GetItemWithError(scope, s_type);
     if (type != s_http && (type == NULL || !PyUnicode_Check(type) ||
-                           !(PyUnicode_CheckExact(type) ? str_eq(type, s_http)
-                                                        : PyUnicode_Compare(type, s_http) == 0))) {
+                           !str_is(type, s_http))) {
         PyErr_Clear();
         goto own_coroutine;
     }
