@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
@@ -135,8 +135,15 @@ _release: Callable[[Any, str, str], None] = (
 #: Entries of a middleware's (raw method, id(route)) -> (route, series) cache, at most.
 _FAST_LIMIT = 10_000
 
+if TYPE_CHECKING or speedups is None:
+    _Base = object
+else:
+    #: With the C extension, ``_serve`` is a slot that ``__call__`` (an AsgiEntry) reads
+    #: directly, not an instance attribute looked up for every request.
+    _Base = speedups.ServeSlot
 
-class LoopWatchMiddleware:
+
+class LoopWatchMiddleware(_Base):
     """Measures every HTTP request's event-loop blocking time and exports loop health.
 
     ``app.add_middleware(loopwatch.LoopWatchMiddleware)`` is all it takes. The loop monitor

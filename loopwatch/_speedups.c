@@ -131,7 +131,7 @@ static PyObject *zero_float;
 
 static PyObject *s_step_start, *s_busy, *s_threshold, *s_on_block, *s_monitor_attr,
     *s_loop, *s_context, *s_callback, *s_get, *s_type, *s_status, *s_more_body,
-    *s_response_start, *s_close, *s_throw, *s_await, *s_run, *s_args, *s_wrapped, *s_get_coro,
+    *s_response_start, *s_close, *s_throw, *s_await, *s_run, *s_args, *s_get_coro,
     *s_context_kw, *kw_loop, *kw_loop_context, *s_route, *s_root_path, *s_method,
     *s_http, *s_path, *s_empty, *s_record_first, *s_own_call, *s_serve;
 
@@ -884,6 +884,18 @@ tc_wrapped(TimedCoroutine *self, PyObject *Py_UNUSED(ignored))
     return Py_NewRef(self->coro);
 }
 
+/* tc(): the task's own coroutine. The factory shadows each task's get_coro with its
+ * TimedCoroutine itself, so no bound method is made per task. */
+static PyObject *
+tc_call(TimedCoroutine *self, PyObject *args, PyObject *kwds)
+{
+    if (PyTuple_GET_SIZE(args) != 0 || (kwds != NULL && PyDict_GET_SIZE(kwds) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "get_coro() takes no arguments");
+        return NULL;
+    }
+    return Py_NewRef(self->coro);
+}
+
 static PyObject *
 tc_await(TimedCoroutine *self)
 {
@@ -1004,6 +1016,7 @@ static PyTypeObject TimedCoroutineType = {
     .tp_as_async = &tc_as_async,
     .tp_getattro = (getattrofunc)tc_getattro,
     .tp_repr = (reprfunc)tc_repr,
+    .tp_call = (ternaryfunc)tc_call,
     .tp_methods = tc_methods,
     .tp_members = tc_members,
     .tp_weaklistoffset = offsetof(TimedCoroutine, weakreflist),
@@ -1020,6 +1033,7 @@ typedef struct {
     PyObject *fallback;
     PyObject *task_type;
     int shadowing;
+    int plain_get_coro;     /* task_type's get_coro is no data descriptor (a method) */
     vectorcallfunc vectorcall;
 } TaskFactory;
 
@@ -1053,15 +1067,25 @@ tf_vectorcall(TaskFactory *self, PyObject *const *args, size_t nargsf, PyObject 
         Py_DECREF(timed_coro);
         return NULL;
     }
-    PyObject *get_coro = PyObject_GetAttr(timed_coro, s_wrapped);
+    /* get_coro shadowed by the TimedCoroutine, which returns the coroutine when called:
+     * put in the instance dict as setattr would (the Task type has no data descriptor of
+     * that name), without its type lookup */
+    int failed;
+    if (self->plain_get_coro && Py_IS_TYPE(task, (PyTypeObject *)self->task_type)) {
+        PyObject *dict = PyObject_GenericGetDict(task, NULL);
+        failed = dict == NULL ? -1 : PyDict_SetItem(dict, s_get_coro, timed_coro);
+        Py_XDECREF(dict);
+    }
+    else {
+        failed = PyObject_SetAttr(task, s_get_coro, timed_coro);
+    }
     Py_DECREF(timed_coro);
-    if (get_coro == NULL || PyObject_SetAttr(task, s_get_coro, get_coro) < 0) {
+    if (failed < 0) {
         /* a Task that takes no instance attribute: the fallback's Task subclass from now
          * on (this one task shows the wrapper), as the pure-Python factory does */
         PyErr_Clear();
         self->shadowing = 0;
     }
-    Py_XDECREF(get_coro);
     return task;
 }
 
@@ -1082,6 +1106,10 @@ tf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->fallback = Py_NewRef(fallback);
     self->task_type = Py_NewRef(task_type);
     self->shadowing = 1;
+    PyObject *method = PyObject_GetAttr(task_type, s_get_coro);
+    self->plain_get_coro = method != NULL && Py_TYPE(method)->tp_descr_set == NULL;
+    Py_XDECREF(method);
+    PyErr_Clear();
     self->vectorcall = (vectorcallfunc)tf_vectorcall;
     return (PyObject *)self;
 }
@@ -1174,7 +1202,9 @@ ro_vectorcall(RequestOwner *self, PyObject *const *args, size_t nargsf, PyObject
                 }
             }
         }
-        PyErr_Clear(); /* whatever went wrong above is for the server to find */
+        if (UNLIKELY(PyErr_Occurred())) {
+            PyErr_Clear(); /* whatever went wrong above is for the server to find */
+        }
     }
     PyObject *awaitable = PyObject_Vectorcall(self->send, args, nargsf, NULL);
     if (last && awaitable != NULL && self->token != NULL) {
@@ -2581,12 +2611,69 @@ typedef struct {
 
 static PyTypeObject AsgiEntryType;
 
+/* ServeSlot: the middleware's base (with the C extension), its `_serve` a slot AsgiEntry
+ * reads directly rather than by attribute (an instance dict lookup per request). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *serve;        /* the RequestPath, or None/NULL */
+} ServeSlot;
+
+static PyTypeObject ServeSlotType;
+
+static int
+slot_traverse(ServeSlot *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->serve);
+    return 0;
+}
+
+static int
+slot_clear(ServeSlot *self)
+{
+    Py_CLEAR(self->serve);
+    return 0;
+}
+
+static void
+slot_dealloc(ServeSlot *self)
+{
+    PyObject_GC_UnTrack(self);
+    slot_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef slot_members[] = {
+    {"_serve", T_OBJECT, offsetof(ServeSlot, serve), 0,
+     "The C request path while the monitor runs, else None."},
+    {NULL},
+};
+
+static PyTypeObject ServeSlotType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._speedups.ServeSlot",
+    .tp_doc = "The middleware's base: its _serve in a slot that its __call__ reads.",
+    .tp_basicsize = sizeof(ServeSlot),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)slot_dealloc,
+    .tp_traverse = (traverseproc)slot_traverse,
+    .tp_clear = (inquiry)slot_clear,
+    .tp_members = slot_members,
+};
+
 static PyObject *
 ae_vectorcall(AsgiEntry *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs == 4 && kwnames == NULL) {
-        PyObject *serve = PyObject_GetAttr(args[0], s_serve);
+        PyObject *serve;
+        if (LIKELY(PyObject_TypeCheck(args[0], &ServeSlotType))) {
+            serve = ((ServeSlot *)args[0])->serve;
+            serve = Py_NewRef(serve != NULL ? serve : Py_None);
+        }
+        else {
+            serve = PyObject_GetAttr(args[0], s_serve);
+        }
         if (serve == NULL) {
             PyErr_Clear();
         }
@@ -2780,7 +2867,6 @@ PyInit__speedups(void)
     INTERN(s_await, "__await__");
     INTERN(s_run, "run");
     INTERN(s_args, "_args");
-    INTERN(s_wrapped, "wrapped");
     INTERN(s_get_coro, "get_coro");
     INTERN(s_context_kw, "context");
     INTERN(s_route, "route");
@@ -2814,7 +2900,8 @@ PyInit__speedups(void)
             PyType_Ready(&TotalsType) < 0 || PyType_Ready(&StepStateType) < 0 ||
             PyType_Ready(&ReraiserType) < 0 || PyType_Ready(&TaskFactoryType) < 0 ||
             PyType_Ready(&RequestPathType) < 0 || PyType_Ready(&RequestCallType) < 0 ||
-            PyType_Ready(&AsgiEntryType) < 0 || PyType_Ready(&FinalSendType) < 0) {
+            PyType_Ready(&AsgiEntryType) < 0 || PyType_Ready(&FinalSendType) < 0 ||
+            PyType_Ready(&ServeSlotType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module_def);
@@ -2828,7 +2915,8 @@ PyInit__speedups(void)
             PyModule_AddObjectRef(m, "TaskFactory", (PyObject *)&TaskFactoryType) < 0 ||
             PyModule_AddObjectRef(m, "RequestPath", (PyObject *)&RequestPathType) < 0 ||
             PyModule_AddObjectRef(m, "RequestCall", (PyObject *)&RequestCallType) < 0 ||
-            PyModule_AddObjectRef(m, "AsgiEntry", (PyObject *)&AsgiEntryType) < 0) {
+            PyModule_AddObjectRef(m, "AsgiEntry", (PyObject *)&AsgiEntryType) < 0 ||
+            PyModule_AddObjectRef(m, "ServeSlot", (PyObject *)&ServeSlotType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

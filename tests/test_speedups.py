@@ -321,6 +321,35 @@ def test_c_timed_coroutine_runs_as_a_task_with_the_c_fast_path() -> None:
     assert monitor.busy > 0
 
 
+def test_c_timed_coroutine_called_is_its_coroutine_and_stands_in_for_get_coro() -> None:
+    """The C factory shadows each task's get_coro with the TimedCoroutine itself (no bound
+    method per task): called, it returns the task's own coroutine, and takes no arguments."""
+    c = _c()
+    monitor = StateMonitor()
+    monitor.active = True
+    factory = c.TaskFactory(monitor, lambda loop, coro, **kw: asyncio.Task(coro, loop=loop),
+                            asyncio.Task)
+
+    async def work() -> int:
+        await asyncio.sleep(0)
+        return 3
+
+    async def main() -> None:
+        coro = work()
+        task = factory(asyncio.get_running_loop(), coro)
+        timed = task.get_coro  # the instance attribute: the wrapper itself
+        assert type(timed) is c.TimedCoroutine and timed._coro is coro and timed() is coro
+        assert task.get_coro() is coro
+        with pytest.raises(TypeError, match=r"get_coro\(\) takes no arguments"):
+            timed(1)
+        with pytest.raises(TypeError, match=r"get_coro\(\) takes no arguments"):
+            timed(x=1)
+        assert await task == 3
+
+    asyncio.run(main())
+    assert monitor.busy > 0
+
+
 def test_c_accounting_failure_never_changes_the_step() -> None:
     """A monitor whose accounting raises: the step's result still comes through, the
     failure is reported as unraisable (never raised into the app)."""
@@ -862,6 +891,48 @@ def test_the_middleware_is_an_asgi3_app_to_servers_and_frameworks() -> None:
     assert LoopWatchMiddleware.__call__.__doc__ == LoopWatchMiddleware._call.__doc__
     if speedups is not None:
         assert isinstance(LoopWatchMiddleware.__dict__["__call__"], speedups.AsgiEntry)
+
+
+def test_asgi_entry_reads_serve_from_the_slot_or_else_the_attribute() -> None:
+    """The middleware's base keeps ``_serve`` in a slot the entry reads directly; a class
+    not built on that base has it read as an attribute. Either way: set, the request goes
+    to it; None (or unset), to the coroutine the entry stands for."""
+    c = _c()
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    async def call(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        calls.append(("coroutine", (scope, receive, send)))
+
+    def serve(*args: Any) -> str:
+        calls.append(("serve", args))
+        return "served"
+
+    class OnSlot(c.ServeSlot):  # type: ignore[misc, name-defined]
+        __call__ = c.AsgiEntry(call)
+
+    class Plain:
+        _serve: Any = None
+        __call__ = c.AsgiEntry(call)
+
+    for app in (OnSlot(), Plain()):
+        calls.clear()
+        assert app._serve is None
+        asyncio.run(app(1, 2, 3))
+        app._serve = serve
+        assert app(4, 5, 6) == "served"
+        app._serve = None
+        asyncio.run(app(7, 8, 9))
+        assert calls == [("coroutine", (1, 2, 3)), ("serve", (4, 5, 6)),
+                         ("coroutine", (7, 8, 9))], type(app).__name__
+    slot = OnSlot()
+    slot._serve = serve
+    del slot._serve  # unset: the coroutine
+    asyncio.run(slot(1, 2, 3))
+    assert calls[-1][0] == "coroutine"
+    if speedups is not None:
+        from loopwatch import LoopWatchMiddleware
+
+        assert isinstance(LoopWatchMiddleware(_ok_app), c.ServeSlot)
 
 
 def test_c_request_path_hands_anything_it_does_not_measure_to_the_coroutine() -> None:
