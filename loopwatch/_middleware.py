@@ -201,7 +201,9 @@ class LoopWatchMiddleware(_Base):
         #: (of the route object and the series' running totals).
         self._by_label: dict[tuple[str, str], RequestSeries] = {}
         self._fast: dict[tuple[str, int], tuple[Any, Any]] = {}
-        self._in_flight: set[Any] = set()  # request owners
+        #: Request owners in flight (with the C extension an InFlight: the C owners linked
+        #: through their own fields, no hashing per request).
+        self._in_flight: Any = set() if speedups is None else speedups.InFlight()
         self._limiter: Any = None
         self._errors_logged = False
         #: The C request path while the monitor runs (None: every call goes to _call).

@@ -291,7 +291,7 @@ as_state(PyObject *mon)
 
 /* -- RequestOwner ------------------------------------------------------------------------ */
 
-typedef struct {
+typedef struct RequestOwner {
     PyObject_HEAD
     double busy;
     double ended;
@@ -304,6 +304,8 @@ typedef struct {
     PyObject *token;        /* of the context variable, set by its RequestCall (or NULL) */
     PyObject *weakreflist;
     vectorcallfunc vectorcall;
+    void *in_flight;        /* the InFlight it is linked in (which holds it), or NULL */
+    struct RequestOwner *prev, *next; /* its neighbours there */
 } RequestOwner;
 
 static PyTypeObject RequestOwnerType;
@@ -1236,6 +1238,8 @@ new_owner(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     self->token = NULL;
     self->weakreflist = NULL;
     self->vectorcall = (vectorcallfunc)ro_vectorcall;
+    self->in_flight = NULL;
+    self->prev = self->next = NULL;
     PyObject_GC_Track(self);
     return (PyObject *)self;
 }
@@ -1343,6 +1347,215 @@ static PyTypeObject RequestOwnerType = {
     .tp_members = ro_members,
     .tp_methods = ro_methods,
     .tp_weaklistoffset = offsetof(RequestOwner, weakreflist),
+};
+
+/* -- InFlight: the middleware's requests in flight ---------------------------------------- */
+
+/* The requests in flight, read once a second for the in-progress gauge. A C owner is linked
+ * in through its own fields (no hashing, no table per request); anything else (the pure-Python
+ * owner) goes in a set beside them. It holds a reference to each member. */
+typedef struct {
+    PyObject_HEAD
+    RequestOwner *first;
+    Py_ssize_t linked;
+    PyObject *others;       /* set */
+} InFlight;
+
+static PyTypeObject InFlightType;
+
+static inline void
+in_flight_link(InFlight *self, RequestOwner *owner)
+{
+    owner->in_flight = self;
+    owner->prev = NULL;
+    owner->next = self->first;
+    if (self->first != NULL) {
+        self->first->prev = owner;
+    }
+    self->first = (RequestOwner *)Py_NewRef(owner);
+    self->linked++;
+}
+
+/* (owner->in_flight == self) Its reference goes with it: the caller holds its own. */
+static inline void
+in_flight_unlink(InFlight *self, RequestOwner *owner)
+{
+    if (owner->prev != NULL) {
+        owner->prev->next = owner->next;
+    }
+    else {
+        self->first = owner->next;
+    }
+    if (owner->next != NULL) {
+        owner->next->prev = owner->prev;
+    }
+    owner->in_flight = NULL;
+    owner->prev = owner->next = NULL;
+    self->linked--;
+    Py_DECREF(owner);
+}
+
+static PyObject *
+in_flight_add(InFlight *self, PyObject *member)
+{
+    if (Py_IS_TYPE(member, &RequestOwnerType) &&
+            ((RequestOwner *)member)->in_flight == NULL) {
+        int there = PySet_Contains(self->others, member); /* added while in another */
+        if (there < 0) {
+            return NULL;
+        }
+        if (!there) {
+            in_flight_link(self, (RequestOwner *)member);
+        }
+        Py_RETURN_NONE;
+    }
+    if (Py_IS_TYPE(member, &RequestOwnerType) && ((RequestOwner *)member)->in_flight == self) {
+        Py_RETURN_NONE; /* already in */
+    }
+    if (PySet_Add(self->others, member) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+in_flight_discard(InFlight *self, PyObject *member)
+{
+    if (Py_IS_TYPE(member, &RequestOwnerType) && ((RequestOwner *)member)->in_flight == self) {
+        in_flight_unlink(self, (RequestOwner *)member);
+        Py_RETURN_NONE;
+    }
+    if (PySet_Discard(self->others, member) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static int
+in_flight_contains(InFlight *self, PyObject *member)
+{
+    if (Py_IS_TYPE(member, &RequestOwnerType) && ((RequestOwner *)member)->in_flight == self) {
+        return 1;
+    }
+    return PySet_Contains(self->others, member);
+}
+
+static Py_ssize_t
+in_flight_len(InFlight *self)
+{
+    return self->linked + PySet_GET_SIZE(self->others);
+}
+
+/* A list of the members as they are now (for iterating while requests come and go). */
+static PyObject *
+in_flight_list(InFlight *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *list = PyList_New(0);
+    if (list == NULL) {
+        return NULL;
+    }
+    for (RequestOwner *owner = self->first; owner != NULL; owner = owner->next) {
+        if (PyList_Append(list, (PyObject *)owner) < 0) {
+            Py_DECREF(list);
+            return NULL;
+        }
+    }
+    PyObject *others = PySequence_List(self->others);
+    if (others == NULL || PyList_SetSlice(list, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, others) < 0) {
+        Py_XDECREF(others);
+        Py_DECREF(list);
+        return NULL;
+    }
+    Py_DECREF(others);
+    return list;
+}
+
+static PyObject *
+in_flight_iter(InFlight *self)
+{
+    PyObject *list = in_flight_list(self, NULL);
+    if (list == NULL) {
+        return NULL;
+    }
+    PyObject *it = PyObject_GetIter(list);
+    Py_DECREF(list);
+    return it;
+}
+
+static PyObject *
+in_flight_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (PyTuple_GET_SIZE(args) != 0 || (kwds != NULL && PyDict_GET_SIZE(kwds) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "InFlight() takes no arguments");
+        return NULL;
+    }
+    InFlight *self = (InFlight *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->first = NULL;
+    self->linked = 0;
+    self->others = PySet_New(NULL);
+    if (self->others == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int
+in_flight_traverse(InFlight *self, visitproc visit, void *arg)
+{
+    for (RequestOwner *owner = self->first; owner != NULL; owner = owner->next) {
+        Py_VISIT(owner);
+    }
+    Py_VISIT(self->others);
+    return 0;
+}
+
+static int
+in_flight_clear(InFlight *self)
+{
+    while (self->first != NULL) {
+        in_flight_unlink(self, self->first);
+    }
+    Py_CLEAR(self->others);
+    return 0;
+}
+
+static void
+in_flight_dealloc(InFlight *self)
+{
+    PyObject_GC_UnTrack(self);
+    in_flight_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef in_flight_methods[] = {
+    {"add", (PyCFunction)in_flight_add, METH_O, "Add a request's owner."},
+    {"discard", (PyCFunction)in_flight_discard, METH_O, "Remove it, if it is in."},
+    {"list", (PyCFunction)in_flight_list, METH_NOARGS, "The members, as a list."},
+    {NULL},
+};
+
+static PySequenceMethods in_flight_as_sequence = {
+    .sq_length = (lenfunc)in_flight_len,
+    .sq_contains = (objobjproc)in_flight_contains,
+};
+
+static PyTypeObject InFlightType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._speedups.InFlight",
+    .tp_doc = "InFlight(): the requests in flight (add, discard, len, iter, in).",
+    .tp_basicsize = sizeof(InFlight),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = in_flight_new,
+    .tp_dealloc = (destructor)in_flight_dealloc,
+    .tp_traverse = (traverseproc)in_flight_traverse,
+    .tp_clear = (inquiry)in_flight_clear,
+    .tp_iter = (getiterfunc)in_flight_iter,
+    .tp_as_sequence = &in_flight_as_sequence,
+    .tp_methods = in_flight_methods,
 };
 
 /* -- Totals ------------------------------------------------------------------------------- */
@@ -1766,7 +1979,7 @@ typedef struct {
     PyObject *exclude_items; /* the same as a tuple, while few and all str (else NULL) */
     PyObject *prefixes;     /* tuple of excluded prefixes */
     PyObject *cache;        /* the middleware's (method, id(route)) -> totals cache */
-    PyObject *in_flight;    /* the middleware's set of owners in flight */
+    PyObject *in_flight;    /* the middleware's owners in flight (an InFlight, or a set) */
     LastHit last;           /* the cache entry used last */
     unsigned long thread;   /* the thread of the monitor's loop */
     vectorcallfunc vectorcall;
@@ -1885,7 +2098,10 @@ rc_begin(RequestCall *self)
     if (self->owner->token == NULL) {
         return -1;
     }
-    if (PySet_Add(path->in_flight, (PyObject *)self->owner) < 0) {
+    if (LIKELY(Py_IS_TYPE(path->in_flight, &InFlightType))) {
+        in_flight_link((InFlight *)path->in_flight, self->owner); /* a new owner */
+    }
+    else if (PySet_Add(path->in_flight, (PyObject *)self->owner) < 0) {
         return -1;
     }
     self->start = now();
@@ -1914,7 +2130,11 @@ rc_end(RequestCall *self, int failed, int reset)
     if (failed && owner->status == 0) {
         owner->status = 500;
     }
-    if (PySet_Discard(path->in_flight, (PyObject *)owner) < 0) {
+    if (owner->in_flight == (void *)path->in_flight) {
+        in_flight_unlink((InFlight *)path->in_flight, owner);
+    }
+    else if (!Py_IS_TYPE(path->in_flight, &InFlightType) &&
+             PySet_Discard(path->in_flight, (PyObject *)owner) < 0) {
         internal_error(path, "recording a request");
     }
     PyObject *missed = finish_impl(owner, path->monitor, self->start, path->cache, self->scope,
@@ -2316,10 +2536,14 @@ rp_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     PyObject *middleware, *app, *monitor, *exclude, *prefixes, *cache, *in_flight;
     static char *kwlist[] = {"middleware", "app", "monitor", "exclude", "prefixes", "cache",
                              "in_flight", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!O!O!O!:RequestPath", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!O!O!O:RequestPath", kwlist,
                                      &middleware, &app, &monitor, &PyFrozenSet_Type, &exclude,
                                      &PyTuple_Type, &prefixes, &PyDict_Type, &cache,
-                                     &PySet_Type, &in_flight)) {
+                                     &in_flight)) {
+        return NULL;
+    }
+    if (!Py_IS_TYPE(in_flight, &InFlightType) && !PySet_CheckExact(in_flight)) {
+        PyErr_SetString(PyExc_TypeError, "RequestPath: in_flight must be an InFlight or a set");
         return NULL;
     }
     if (!PyObject_TypeCheck(monitor, &StepStateType)) {
@@ -2901,7 +3125,7 @@ PyInit__speedups(void)
             PyType_Ready(&ReraiserType) < 0 || PyType_Ready(&TaskFactoryType) < 0 ||
             PyType_Ready(&RequestPathType) < 0 || PyType_Ready(&RequestCallType) < 0 ||
             PyType_Ready(&AsgiEntryType) < 0 || PyType_Ready(&FinalSendType) < 0 ||
-            PyType_Ready(&ServeSlotType) < 0) {
+            PyType_Ready(&ServeSlotType) < 0 || PyType_Ready(&InFlightType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module_def);
@@ -2916,7 +3140,8 @@ PyInit__speedups(void)
             PyModule_AddObjectRef(m, "RequestPath", (PyObject *)&RequestPathType) < 0 ||
             PyModule_AddObjectRef(m, "RequestCall", (PyObject *)&RequestCallType) < 0 ||
             PyModule_AddObjectRef(m, "AsgiEntry", (PyObject *)&AsgiEntryType) < 0 ||
-            PyModule_AddObjectRef(m, "ServeSlot", (PyObject *)&ServeSlotType) < 0) {
+            PyModule_AddObjectRef(m, "ServeSlot", (PyObject *)&ServeSlotType) < 0 ||
+            PyModule_AddObjectRef(m, "InFlight", (PyObject *)&InFlightType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,6 +1,6 @@
 """Types of the optional C hot path (loopwatch/_speedups.c)."""
 
-from collections.abc import Awaitable, Callable, Generator, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterator, MutableMapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -67,7 +67,7 @@ class Totals:
 class RequestPath:
     def __init__(
         self, middleware: Any, app: Any, monitor: StepState, exclude: frozenset[str],
-        prefixes: tuple[str, ...], cache: dict[Any, Any], in_flight: set[Any],
+        prefixes: tuple[str, ...], cache: dict[Any, Any], in_flight: InFlight | set[Any],
     ) -> None: ...
     def __call__(self, scope: Any, receive: Any, send: Any) -> Awaitable[None]: ...
 
@@ -85,3 +85,12 @@ class AsgiEntry:
 
 class ServeSlot:
     _serve: Any
+
+class InFlight:
+    def __init__(self) -> None: ...
+    def add(self, owner: Any) -> None: ...
+    def discard(self, owner: Any) -> None: ...
+    def list(self) -> list[Any]: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, owner: object) -> bool: ...
+    def __iter__(self) -> Iterator[Any]: ...

@@ -635,6 +635,55 @@ def test_c_hot_path_leaks_no_references() -> None:
     assert after == before
 
 
+def test_c_in_flight_behaves_as_the_set_it_replaces() -> None:
+    """The middleware's in-flight container: C owners are linked through their own fields,
+    anything else kept in a set; it behaves as a set of its members would, holds each member
+    while it is in, and lets the collector through the cycles a member can close."""
+    import gc
+    import weakref
+
+    c = _c()
+    in_flight, reference = c.InFlight(), set()
+    owners = [c.new_owner({}, "", None) for _ in range(5)]
+    plain = _middleware._py_new_owner({}, "", None)
+    other = c.InFlight()
+    other.add(owners[4])  # linked in another: kept here in the set beside the links
+    steps = [("add", 0), ("add", 1), ("add", 0), ("add", "plain"), ("add", 4),
+             ("discard", 1), ("discard", 1), ("add", 2), ("discard", "plain"), ("add", 3),
+             ("discard", 0), ("add", 1), ("add", "plain"), ("discard", 4), ("add", 4)]
+    for verb, which in steps:
+        member = plain if which == "plain" else owners[which]  # type: ignore[index]
+        getattr(in_flight, verb)(member)
+        getattr(reference, verb)(member)
+        assert len(in_flight) == len(reference) and bool(in_flight) == bool(reference)
+        assert set(in_flight) == reference and sorted(map(id, in_flight.list())) == sorted(
+            map(id, reference))
+        assert all((m in in_flight) == (m in reference) for m in [*owners, plain])
+    other.discard(owners[4])
+    assert owners[4] in in_flight and len(other) == 0
+    in_flight.discard(owners[4])
+    in_flight.add(owners[4])  # now free: linked
+    assert owners[4] in in_flight and len(in_flight) == len(reference)
+
+    first = owners[0]
+    before = sys.getrefcount(first)
+    in_flight.add(first)
+    held = sys.getrefcount(first)  # (not inside the assert: pytest keeps its operands)
+    in_flight.discard(first)
+    after = sys.getrefcount(first)
+    assert (held, after) == (before + 1, before)  # held while in, let go after
+
+    cyclic = c.InFlight()
+    owner = c.new_owner({"kept": cyclic}, "", None)  # owner -> scope -> in-flight -> owner
+    cyclic.add(owner)
+    gone = weakref.ref(owner)
+    del owner, cyclic
+    gc.collect()
+    assert gone() is None
+    with pytest.raises(TypeError, match="takes no arguments"):
+        c.InFlight([])
+
+
 # -- the end of a request -------------------------------------------------------------------
 
 @pytest.mark.parametrize("impl", ["python", "c"])
