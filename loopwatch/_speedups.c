@@ -2866,6 +2866,26 @@ slot_dealloc(ServeSlot *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* object.__new__, so that a Python subclass's instances are set up as any class's are (their
+ * attributes in the inline values that the interpreter's specialized loads read, not in a
+ * dict); the arguments are for the subclass's __init__. */
+static PyObject *
+slot_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (type == &ServeSlotType &&
+            (PyTuple_GET_SIZE(args) != 0 || (kwds != NULL && PyDict_GET_SIZE(kwds) != 0))) {
+        PyErr_SetString(PyExc_TypeError, "ServeSlot() takes no arguments");
+        return NULL;
+    }
+    PyObject *none = PyTuple_New(0);
+    if (none == NULL) {
+        return NULL;
+    }
+    PyObject *self = PyBaseObject_Type.tp_new(type, none, NULL);
+    Py_DECREF(none);
+    return self;
+}
+
 static PyMemberDef slot_members[] = {
     {"_serve", T_OBJECT, offsetof(ServeSlot, serve), 0,
      "The C request path while the monitor runs, else None."},
@@ -2878,7 +2898,7 @@ static PyTypeObject ServeSlotType = {
     .tp_doc = "The middleware's base: its _serve in a slot that its __call__ reads.",
     .tp_basicsize = sizeof(ServeSlot),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_new = PyType_GenericNew,
+    .tp_new = slot_new,
     .tp_dealloc = (destructor)slot_dealloc,
     .tp_traverse = (traverseproc)slot_traverse,
     .tp_clear = (inquiry)slot_clear,

@@ -978,6 +978,15 @@ def test_asgi_entry_reads_serve_from_the_slot_or_else_the_attribute() -> None:
     del slot._serve  # unset: the coroutine
     asyncio.run(slot(1, 2, 3))
     assert calls[-1][0] == "coroutine"
+    with pytest.raises(TypeError, match="takes no arguments"):
+        c.ServeSlot(1)
+
+    class WithInit(c.ServeSlot):  # type: ignore[misc, name-defined]
+        def __init__(self, a: int, *, b: int) -> None:
+            self.a, self.b = a, b
+
+    made = WithInit(1, b=2)  # the arguments are __init__'s
+    assert (made.a, made.b, made._serve, made.__dict__) == (1, 2, None, {"a": 1, "b": 2})
     if speedups is not None:
         from loopwatch import LoopWatchMiddleware
 
