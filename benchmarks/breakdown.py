@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     empty = rows.pop("(empty loop)")
     for name in list(rows):
         if name in ("request owner", "ContextVar set + reset",
-                    "in-flight add + discard (as Python calls)", "method_label + route_label (uncached)",
+                    "in-flight add + discard (as Python calls)",
+                    "method_label + route_label (uncached)",
                     "series cache lookup", "RequestSeries.add", "3 x perf_counter()",
                     "finish (loop time, cache lookup, add)"):
             rows[name] -= empty
