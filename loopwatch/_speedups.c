@@ -1395,9 +1395,19 @@ in_flight_unlink(InFlight *self, RequestOwner *owner)
     Py_DECREF(owner);
 }
 
+/* Whether member is a C owner linked in this InFlight. */
+static inline int
+linked_in(InFlight *self, PyObject *member)
+{
+    return Py_IS_TYPE(member, &RequestOwnerType) && ((RequestOwner *)member)->in_flight == self;
+}
+
 static PyObject *
 in_flight_add(InFlight *self, PyObject *member)
 {
+    if (linked_in(self, member)) {
+        Py_RETURN_NONE; /* already in */
+    }
     if (Py_IS_TYPE(member, &RequestOwnerType) &&
             ((RequestOwner *)member)->in_flight == NULL) {
         int there = PySet_Contains(self->others, member); /* added while in another */
@@ -1409,9 +1419,6 @@ in_flight_add(InFlight *self, PyObject *member)
         }
         Py_RETURN_NONE;
     }
-    if (Py_IS_TYPE(member, &RequestOwnerType) && ((RequestOwner *)member)->in_flight == self) {
-        Py_RETURN_NONE; /* already in */
-    }
     if (PySet_Add(self->others, member) < 0) {
         return NULL;
     }
@@ -1421,7 +1428,7 @@ in_flight_add(InFlight *self, PyObject *member)
 static PyObject *
 in_flight_discard(InFlight *self, PyObject *member)
 {
-    if (Py_IS_TYPE(member, &RequestOwnerType) && ((RequestOwner *)member)->in_flight == self) {
+    if (linked_in(self, member)) {
         in_flight_unlink(self, (RequestOwner *)member);
         Py_RETURN_NONE;
     }
@@ -1434,10 +1441,7 @@ in_flight_discard(InFlight *self, PyObject *member)
 static int
 in_flight_contains(InFlight *self, PyObject *member)
 {
-    if (Py_IS_TYPE(member, &RequestOwnerType) && ((RequestOwner *)member)->in_flight == self) {
-        return 1;
-    }
-    return PySet_Contains(self->others, member);
+    return linked_in(self, member) ? 1 : PySet_Contains(self->others, member);
 }
 
 static Py_ssize_t
