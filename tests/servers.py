@@ -55,6 +55,10 @@ def serve_in_thread(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    # Keep-alive longer than httpx's pool keeps idle connections (5 s, as uvicorn's default):
+    # with equal timeouts a client can reuse a connection just as the server closes it, and
+    # the request fails with a ReadError that has nothing to do with the app.
+    config.setdefault("timeout_keep_alive", 30)
     cfg = uvicorn.Config(
         app, loop=loop, lifespan=lifespan, log_level="warning", access_log=False, **config
     )
