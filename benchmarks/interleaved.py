@@ -127,8 +127,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{'IQR':>17} {'95 % interval':>17}")
         for name, v in res.items():
             rel = v["relative"]
+            lo, hi = rel["ci95"]
             log(f"  {'':8}{name:26} {v['median_us']:8.1f} {rel['median']:+16.1%} "
-                f"{rel['q1']:+8.1%}..{rel['q3']:+.1%} {rel['ci95'][0]:+8.1%}..{rel['ci95'][1]:+.1%}")
+                f"{rel['q1']:+8.1%}..{rel['q3']:+.1%} {lo:+8.1%}..{hi:+.1%}")
     path = write_result("interleaved", results, command_line())
     log(f"\nwritten to {path}")
     return results

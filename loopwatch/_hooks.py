@@ -200,11 +200,28 @@ _AsyncioTask = asyncio.Task
 _shadowing = [True]
 
 
+def _unwrap_get_coro() -> bool:
+    """Whether ``asyncio.Task.get_coro()`` itself returns a timed task's own coroutine.
+
+    With the C extension, the Task type's ``get_coro`` is replaced once per process by one
+    that unwraps the C TimedCoroutine and answers exactly as before for every other task
+    (``unwrap_get_coro`` in _speedups.c). Then no task needs a ``get_coro`` of its own,
+    which cost each task an instance dict, and the interpreter its fast method loads on it.
+    """
+    if speedups is None or _timed is not speedups.timed:
+        return False
+    try:
+        return bool(speedups.unwrap_get_coro(_AsyncioTask))
+    except Exception:  # noqa: BLE001 - then each task shadows get_coro, as it always could
+        return False
+
+
 def make_task_factory(monitor: Monitor, previous: Any) -> Any:
     """A task factory that times each task's steps, then defers to ``previous`` (if any)."""
     shadowing = _shadowing
     timed_types = TIMED_TYPES
     make_timed = _timed
+    unwraps = _unwrap_get_coro()
 
     def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
         # Only real coroutines: anything else must reach Task() and fail there, as without us.
@@ -212,15 +229,17 @@ def make_task_factory(monitor: Monitor, previous: Any) -> Any:
                 asyncio.iscoroutine(coro) and type(coro) not in timed_types)):
             timed = make_timed(coro, monitor)
             if previous is None and shadowing[0]:
-                # A plain Task, get_coro() shadowed on the instance to return the task's own
-                # coroutine: a subclass of the C Task leaves its fast paths (~4,000
-                # instructions more per task). Should a Task take no instance attribute,
-                # the subclass it is from then on (this one task shows the wrapper).
+                # A plain Task: a subclass of the C Task leaves its fast paths (~4,000
+                # instructions more per task). Where the type's get_coro() does not unwrap,
+                # it is shadowed on the instance to return the task's own coroutine. Should
+                # a Task take no instance attribute, the subclass it is from then on (this
+                # one task shows the wrapper).
                 task = _AsyncioTask(timed, loop=loop, **kwargs)
-                try:
-                    task.get_coro = timed.wrapped  # type: ignore[method-assign]
-                except AttributeError:
-                    shadowing[0] = False
+                if not unwraps:
+                    try:
+                        task.get_coro = timed.wrapped  # type: ignore[method-assign]
+                    except AttributeError:
+                        shadowing[0] = False
                 return task
             coro = timed
         if previous is not None:

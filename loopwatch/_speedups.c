@@ -13,6 +13,8 @@
  *                          am_send slot, so the C Task keeps its fast path (uvloop)
  *   TaskFactory            makes those tasks for plain coroutines; all else goes to the
  *                          pure-Python factory (uvloop)
+ *   unwrap_get_coro()      makes Task.get_coro() return a TimedCoroutine's own coroutine,
+ *                          once per process, so no task needs a get_coro of its own (uvloop)
  *   RequestOwner           one request's owner: loop time, status, end of body; calling it
  *                          is the request's ASGI send (it notes the status and the end)
  *   Totals                 running totals of one (method, route): bucket counts and sums
@@ -1024,16 +1026,99 @@ static PyTypeObject TimedCoroutineType = {
     .tp_weaklistoffset = offsetof(TimedCoroutine, weakreflist),
 };
 
+/* -- Task.get_coro (uvloop) --------------------------------------------------------------- */
+
+/* The factory's tasks run a TimedCoroutine, and get_coro() must still return the task's own
+ * coroutine. Shadowing get_coro on each task costs it an instance dict, and the
+ * interpreter's specialized method loads on tasks expect none (they fail and fall back to
+ * the generic lookup): on uvloop that was about a point of the request's CPU time. Instead
+ * the Task type's own get_coro is replaced, once per process: the original's result, the
+ * task's own coroutine where that is a TimedCoroutine. Any other task's answer is the
+ * original's, as it was. */
+static PyObject *task_get_coro_original; /* the type's own method descriptor, held */
+
+static PyObject *
+task_get_coro(PyObject *task, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *coro = PyObject_CallOneArg(task_get_coro_original, task);
+    if (coro != NULL && Py_IS_TYPE(coro, &TimedCoroutineType)) {
+        Py_SETREF(coro, Py_NewRef(((TimedCoroutine *)coro)->coro));
+    }
+    return coro;
+}
+
+static PyMethodDef task_get_coro_def = {
+    "get_coro", (PyCFunction)task_get_coro, METH_NOARGS,
+    "get_coro($self, /)\n--\n\n"
+    "Return the coroutine object wrapped by the Task (loopwatch: the task's own, not the "
+    "wrapper that times its steps)."
+};
+
+/* Whether `type`.get_coro() is the replacement (the type's own or inherited). */
+static int
+unwraps_get_coro(PyTypeObject *type)
+{
+    PyObject *method = PyObject_GetAttr((PyObject *)type, s_get_coro);
+    int yes = method != NULL && Py_IS_TYPE(method, &PyMethodDescr_Type) &&
+              ((PyMethodDescrObject *)method)->d_method == &task_get_coro_def;
+    Py_XDECREF(method);
+    PyErr_Clear();
+    return yes;
+}
+
+/* unwrap_get_coro(task_type) -> bool */
+static PyObject *
+unwrap_get_coro(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    if (!PyType_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "unwrap_get_coro() takes a Task type, not %.100s",
+                     Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    PyTypeObject *type = (PyTypeObject *)arg;
+    if (unwraps_get_coro(type)) {
+        Py_RETURN_TRUE;
+    }
+    /* only the C method of the type's own, with no arguments (_asyncio.Task's), and only
+     * one type per process */
+    PyObject *dict = type->tp_dict;
+    PyObject *method = dict == NULL ? NULL : PyDict_GetItemWithError(dict, s_get_coro);
+    if (method == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (method == NULL || task_get_coro_original != NULL ||
+            !Py_IS_TYPE(method, &PyMethodDescr_Type) ||
+            ((PyMethodDescrObject *)method)->d_method->ml_flags != METH_NOARGS) {
+        Py_RETURN_FALSE;
+    }
+    PyObject *replacement = PyDescr_NewMethod(type, &task_get_coro_def);
+    if (replacement == NULL) {
+        return NULL;
+    }
+    Py_INCREF(method);
+    if (PyDict_SetItem(dict, s_get_coro, replacement) < 0) {
+        Py_DECREF(method);
+        Py_DECREF(replacement);
+        return NULL;
+    }
+    Py_DECREF(replacement);
+    task_get_coro_original = method;
+    PyType_Modified(type); /* method caches and specialized loads see the new one */
+    Py_RETURN_TRUE;
+}
+
 /* -- the task factory (uvloop) ------------------------------------------------------------- */
 
-/* factory(loop, coro): Task(TimedCoroutine(coro, monitor), loop=loop), its get_coro()
- * shadowed to return coro, for a plain coroutine while the monitor is active; anything
- * else goes to the pure-Python factory (`fallback`), which handles every case. */
+/* factory(loop, coro): Task(TimedCoroutine(coro, monitor), loop=loop) for a plain coroutine
+ * while the monitor is active; anything else goes to the pure-Python factory (`fallback`),
+ * which handles every case. Its get_coro() returns coro: by the type's own get_coro where
+ * unwrap_get_coro() replaced it, else shadowed on the task. */
 typedef struct {
     PyObject_HEAD
     PyObject *monitor;
     PyObject *fallback;
     PyObject *task_type;
+    int type_unwraps;       /* task_type.get_coro() unwraps the TimedCoroutine itself */
     int shadowing;
     int plain_get_coro;     /* task_type's get_coro is no data descriptor (a method) */
     vectorcallfunc vectorcall;
@@ -1068,6 +1153,10 @@ tf_vectorcall(TaskFactory *self, PyObject *const *args, size_t nargsf, PyObject 
     if (task == NULL) {
         Py_DECREF(timed_coro);
         return NULL;
+    }
+    if (self->type_unwraps) {
+        Py_DECREF(timed_coro); /* the task holds it */
+        return task;
     }
     /* get_coro shadowed by the TimedCoroutine, which returns the coroutine when called:
      * put in the instance dict as setattr would (the Task type has no data descriptor of
@@ -1108,6 +1197,7 @@ tf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->fallback = Py_NewRef(fallback);
     self->task_type = Py_NewRef(task_type);
     self->shadowing = 1;
+    self->type_unwraps = PyType_Check(task_type) && unwraps_get_coro((PyTypeObject *)task_type);
     PyObject *method = PyObject_GetAttr(task_type, s_get_coro);
     self->plain_get_coro = method != NULL && Py_TYPE(method)->tp_descr_set == NULL;
     Py_XDECREF(method);
@@ -3070,6 +3160,10 @@ static PyMethodDef module_methods[] = {
      "configure(owner_var, original_run, current_task, labeler, inline_run=False)"},
     {"handle_run", (PyCFunction)(void (*)(void))handle_run, METH_FASTCALL,
      "handle_run(Handle[, TimerHandle]): a timed Handle._run."},
+    {"unwrap_get_coro", (PyCFunction)unwrap_get_coro, METH_O,
+     "unwrap_get_coro(task_type) -> bool: whether task_type.get_coro() now returns a "
+     "TimedCoroutine's own coroutine (done once per process, to a C get_coro of the "
+     "type's own)."},
     {"timed", (PyCFunction)(void (*)(void))timed, METH_FASTCALL,
      "timed(coro, monitor): a TimedCoroutine."},
     {"new_owner", (PyCFunction)(void (*)(void))new_owner, METH_FASTCALL,

@@ -321,14 +321,22 @@ def test_c_timed_coroutine_runs_as_a_task_with_the_c_fast_path() -> None:
     assert monitor.busy > 0
 
 
+class PythonGetCoroTask(asyncio.Task):  # type: ignore[type-arg]
+    """A Task type whose get_coro is a Python method: unwrap_get_coro leaves it alone."""
+
+    def get_coro(self) -> Any:
+        return super().get_coro()
+
+
 def test_c_timed_coroutine_called_is_its_coroutine_and_stands_in_for_get_coro() -> None:
-    """The C factory shadows each task's get_coro with the TimedCoroutine itself (no bound
-    method per task): called, it returns the task's own coroutine, and takes no arguments."""
+    """Where the Task type's get_coro does not unwrap, the C factory shadows each task's
+    get_coro with the TimedCoroutine itself (no bound method per task): called, it returns
+    the task's own coroutine, and takes no arguments."""
     c = _c()
     monitor = StateMonitor()
     monitor.active = True
     factory = c.TaskFactory(monitor, lambda loop, coro, **kw: asyncio.Task(coro, loop=loop),
-                            asyncio.Task)
+                            PythonGetCoroTask)
 
     async def work() -> int:
         await asyncio.sleep(0)
@@ -345,6 +353,52 @@ def test_c_timed_coroutine_called_is_its_coroutine_and_stands_in_for_get_coro() 
         with pytest.raises(TypeError, match=r"get_coro\(\) takes no arguments"):
             timed(x=1)
         assert await task == 3
+
+    asyncio.run(main())
+    assert monitor.busy > 0
+
+
+def test_c_task_get_coro_unwraps_for_the_process_and_no_task_shadows_it() -> None:
+    """unwrap_get_coro replaces asyncio.Task's own get_coro, once per process: a task over a
+    C TimedCoroutine answers with its own coroutine, any other task exactly as before. The
+    factory's tasks then carry no get_coro of their own (an instance dict per task)."""
+    import inspect
+
+    c = _c()
+    assert c.unwrap_get_coro(asyncio.Task) is True
+    assert c.unwrap_get_coro(asyncio.Task) is True  # done already: the same answer
+    method = vars(asyncio.Task)["get_coro"]
+    assert type(method) is type(vars(asyncio.Task)["done"])  # a C method of the type's own
+    assert method.__objclass__ is asyncio.Task
+    assert str(inspect.signature(asyncio.Task.get_coro)) == "(self, /)"
+    # Nothing else: a Python get_coro, a type without one, something not a type.
+    assert c.unwrap_get_coro(PythonGetCoroTask) is False
+    assert c.unwrap_get_coro(int) is False
+    with pytest.raises(TypeError, match="takes a Task type, not int"):
+        c.unwrap_get_coro(1)
+    with pytest.raises(TypeError, match="doesn't apply to a 'object' object"):
+        asyncio.Task.get_coro(object())
+
+    monitor = StateMonitor()
+    monitor.active = True
+    factory = c.TaskFactory(monitor, lambda loop, coro, **kw: asyncio.Task(coro, loop=loop),
+                            asyncio.Task)
+
+    async def work(n: int) -> int:
+        await asyncio.sleep(0)
+        return n
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        coro, plain_coro, by_hand_coro = work(1), work(2), work(3)
+        task = factory(loop, coro)
+        plain = asyncio.Task(plain_coro, loop=loop)
+        by_hand = asyncio.Task(c.timed(by_hand_coro, monitor), loop=loop)
+        assert type(task._coro) is c.TimedCoroutine and task.get_coro() is coro
+        assert task.get_coro.__self__ is task  # the type's method, no attribute of the task
+        assert plain.get_coro() is plain_coro and by_hand.get_coro() is by_hand_coro
+        assert await asyncio.gather(task, plain, by_hand) == [1, 2, 3]
+        assert task.get_coro() is coro and plain.get_coro() is plain_coro
 
     asyncio.run(main())
     assert monitor.busy > 0
@@ -607,9 +661,12 @@ def test_c_hot_path_leaks_no_references() -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        loop.set_task_factory(c.TaskFactory(monitor, lambda *a, **k: None, asyncio.Task))
-        for _ in range(2000):
-            assert await loop.create_task(child()) is result
+        assert c.unwrap_get_coro(asyncio.Task)
+        # asyncio.Task: get_coro() unwraps; PythonGetCoroTask: shadowed on each task
+        for task_type in (asyncio.Task, PythonGetCoroTask):
+            loop.set_task_factory(c.TaskFactory(monitor, lambda *a, **k: None, task_type))
+            for _ in range(1000):
+                assert await loop.create_task(child()) is result
         loop.set_task_factory(None)
 
     before = (sys.getrefcount(monitor), sys.getrefcount(result), sys.getrefcount(scope),
@@ -1137,7 +1194,7 @@ def test_c_request_path_excludes_paths_and_finds_each_routes_totals() -> None:
     prefixes; requests that alternate between routes and methods each land in their own
     (method, route) totals, through the cache entry the C path remembers between requests,
     exactly as the coroutine records them."""
-    c = _c()
+    _c()  # the C path, or a failure under CI
     from prometheus_client import CollectorRegistry
 
     from loopwatch import LoopWatchMiddleware
@@ -1198,7 +1255,7 @@ def test_c_request_path_excludes_paths_and_finds_each_routes_totals() -> None:
             ("GET", "/a"): 9.0, ("POST", "/a"): 6.0, ("GET", "/b/{x}"): 6.0,
             ("POST", "/b/{x}"): 3.0, ("_OTHER", "/a"): 3.0, ("GET", "<unmatched>"): 10.0,
         }  # the warm-up, /none, /metricz and /healthz
-        excluded = [t for (_m, p), t in zip(sequence, native_types)
+        excluded = [t for (_m, p), t in zip(sequence, native_types, strict=True)
                     if p in ("/metrics", "/metrics/x", "/health")]
         assert excluded and set(excluded) == {"coroutine"}  # the app's own, unwrapped
         assert native_types.count("RequestCall") == len(sequence) - len(excluded)
