@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -24,7 +25,29 @@ def run(loop_kind: str) -> Callable[[Coroutine[Any, Any, Any]], Any]:
     """Run a coroutine to completion on a fresh loop of the parametrized kind."""
 
     def runner(coro: Coroutine[Any, Any, Any]) -> Any:
-        with asyncio.Runner(loop_factory=lambda: new_loop(loop_kind)) as r:
-            return r.run(coro)
+        if sys.version_info >= (3, 11):
+            with asyncio.Runner(loop_factory=lambda: new_loop(loop_kind)) as r:
+                return r.run(coro)
+        return _run_without_runner(new_loop(loop_kind), coro)
 
     return runner
+
+
+def _run_without_runner(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Any:
+    """What ``asyncio.Runner`` (3.11) does, for Python 3.10: run, then cancel what is left,
+    close async generators and the default executor, and close the loop."""
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
