@@ -1054,16 +1054,12 @@ static PyMethodDef task_get_coro_def = {
     "wrapper that times its steps)."
 };
 
-/* Whether `type`.get_coro() is the replacement (the type's own or inherited). */
-static int
-unwraps_get_coro(PyTypeObject *type)
+/* Whether `method` (a type's get_coro, its own or inherited; NULL: none) is the replacement. */
+static inline int
+is_get_coro_replacement(PyObject *method)
 {
-    PyObject *method = PyObject_GetAttr((PyObject *)type, s_get_coro);
-    int yes = method != NULL && Py_IS_TYPE(method, &PyMethodDescr_Type) &&
-              ((PyMethodDescrObject *)method)->d_method == &task_get_coro_def;
-    Py_XDECREF(method);
-    PyErr_Clear();
-    return yes;
+    return method != NULL && Py_IS_TYPE(method, &PyMethodDescr_Type) &&
+           ((PyMethodDescrObject *)method)->d_method == &task_get_coro_def;
 }
 
 /* unwrap_get_coro(task_type) -> bool */
@@ -1076,7 +1072,11 @@ unwrap_get_coro(PyObject *Py_UNUSED(module), PyObject *arg)
         return NULL;
     }
     PyTypeObject *type = (PyTypeObject *)arg;
-    if (unwraps_get_coro(type)) {
+    PyObject *found = PyObject_GetAttr(arg, s_get_coro);
+    int done = is_get_coro_replacement(found);
+    Py_XDECREF(found);
+    PyErr_Clear();
+    if (done) {
         Py_RETURN_TRUE;
     }
     /* only the C method of the type's own, with no arguments (_asyncio.Task's), and only
@@ -1197,8 +1197,8 @@ tf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->fallback = Py_NewRef(fallback);
     self->task_type = Py_NewRef(task_type);
     self->shadowing = 1;
-    self->type_unwraps = PyType_Check(task_type) && unwraps_get_coro((PyTypeObject *)task_type);
     PyObject *method = PyObject_GetAttr(task_type, s_get_coro);
+    self->type_unwraps = PyType_Check(task_type) && is_get_coro_replacement(method);
     self->plain_get_coro = method != NULL && Py_TYPE(method)->tp_descr_set == NULL;
     Py_XDECREF(method);
     PyErr_Clear();
