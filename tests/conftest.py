@@ -25,12 +25,18 @@ def run(loop_kind: str) -> Callable[[Coroutine[Any, Any, Any]], Any]:
     """Run a coroutine to completion on a fresh loop of the parametrized kind."""
 
     def runner(coro: Coroutine[Any, Any, Any]) -> Any:
-        if sys.version_info >= (3, 11):
-            with asyncio.Runner(loop_factory=lambda: new_loop(loop_kind)) as r:
-                return r.run(coro)
-        return _run_without_runner(new_loop(loop_kind), coro)
+        return run_on(loop_kind, coro)
 
     return runner
+
+
+def run_on(loop_kind: str, coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine to completion on a fresh loop of this kind, as ``asyncio.run`` does
+    (``asyncio.Runner`` on 3.11+, the same steps by hand on 3.10)."""
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=lambda: new_loop(loop_kind)) as r:
+            return r.run(coro)
+    return _run_without_runner(new_loop(loop_kind), coro)
 
 
 def _run_without_runner(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Any:

@@ -23,7 +23,7 @@ import loopwatch
 from loopwatch import _routes
 from loopwatch._metrics import metrics_for
 from tests.apps import hardening_app
-from tests.conftest import new_loop
+from tests.conftest import run_on
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"]
 #: The route labels the plain app can produce (see hardening_app.build_plain).
@@ -204,8 +204,7 @@ def test_100k_random_requests_add_no_series_and_leave_every_map_bounded(loop_kin
             measured["pending"] = metrics.pending
             measured["internal_errors"] = monitor.internal_errors
 
-    with asyncio.Runner(loop_factory=lambda: new_loop(loop_kind)) as runner:
-        runner.run(main())
+    run_on(loop_kind, main())
 
     total = sum(driver.statuses.values())
     assert total == 100_000 + 10 * 9

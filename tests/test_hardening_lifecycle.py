@@ -29,7 +29,7 @@ import loopwatch
 from loopwatch import _hooks, _monitor
 from loopwatch._metrics import metrics_for
 from tests.apps import hardening_app
-from tests.conftest import new_loop
+from tests.conftest import run_on
 from tests.servers import free_port, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,16 +86,14 @@ def test_start_and_stop_300_times_on_one_loop_and_on_100_loops(loop_kind: str) -
         assert loop.get_task_factory() is user_factory  # restored every time
         return seen
 
-    with asyncio.Runner(loop_factory=lambda: new_loop(loop_kind)) as runner:
-        assert runner.run(cycles()) == [1] * 6
+    assert run_on(loop_kind, cycles()) == [1] * 6
     for _ in range(100):
-        with asyncio.Runner(loop_factory=lambda: new_loop(loop_kind)) as runner:
-            async def once() -> None:
-                monitor = loopwatch.Monitor(log_blocks=False).start()
-                await asyncio.sleep(0.001)
-                monitor.stop()
+        async def once() -> None:
+            monitor = loopwatch.Monitor(log_blocks=False).start()
+            await asyncio.sleep(0.001)
+            monitor.stop()
 
-            runner.run(once())
+        run_on(loop_kind, once())
     wait_for(lambda: len(watchdogs()) <= before, "every watchdog thread ended")
     assert asyncio.events.Handle._run is _hooks._original_run
     assert not _hooks._handle_monitors
