@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOOPWATCH_EXTRAS=demo bash scripts/setup.sh
-exec .venv/bin/python -m demo_app "$@"
+exec "${VENV:-.venv}/bin/python" -m demo_app "$@"

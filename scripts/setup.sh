@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for loopwatch: a virtualenv in .venv with the package and its
 # demo/test dependencies, and (with --system) Prometheus/promtool from the system packages.
-# Idempotent: re-running it only installs what is missing.
+# Idempotent: re-running it only installs what is missing. PYTHON picks the interpreter and
+# VENV the virtualenv's directory (for another Python beside the default one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
 extras="${LOOPWATCH_EXTRAS:-dev}"
 
 if [ "${1:-}" = "--system" ] && ! command -v promtool >/dev/null 2>&1; then
@@ -19,8 +21,8 @@ if [ "${1:-}" = "--system" ] && ! command -v promtool >/dev/null 2>&1; then
     fi
 fi
 
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${extras}]"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[${extras}]"
