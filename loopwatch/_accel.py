@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._attribution import current_owner
 from ._routes import method_label, route_label
@@ -57,7 +57,15 @@ class _PyStepState:
     """What the step hooks write on a monitor (``_speedups.StepState`` is its C twin)."""
 
     __slots__ = ("_closing", "active", "busy", "step_start", "threshold")
+    _closing: tuple[float, Any]  #: (start of the step, owner) of the request that just ended
+    active: bool
+    busy: float
+    step_start: float
+    threshold: float
 
 
 #: The base class of Monitor.
-StepState: Any = _PyStepState if speedups is None else speedups.StepState
+if TYPE_CHECKING:
+    StepState = _PyStepState
+else:
+    StepState = _PyStepState if speedups is None else speedups.StepState

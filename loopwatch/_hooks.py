@@ -188,7 +188,7 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
     (used only where a Task takes no ``get_coro`` instance attribute: see the factory)."""
 
     def get_coro(self) -> Any:
-        coro = super().get_coro()
+        coro: Any = super().get_coro()
         return coro.wrapped() if type(coro) in TIMED_TYPES else coro
 
 

@@ -104,7 +104,7 @@ _OWNER_IS_SEND = speedups is not None
 
 def _py_finish(
     owner: _RequestOwner, monitor: Monitor | None, start: float,
-    cache: dict[tuple[str, int], tuple[Any, Any]], scope: Scope, root_path: str,
+    cache: dict[tuple[str, int], tuple[Any, Any, str, str]], scope: Scope, root_path: str,
 ) -> tuple[int, float, float] | None:
     """A request's last moment, in its last step: its loop time, recorded in the running
     totals ``cache`` holds for its (method, id(route)). None when recorded, else (status,
@@ -198,9 +198,9 @@ class LoopWatchMiddleware(_Base):
         self.metrics: LoopWatchMetrics = metrics_for(registry)
         self.monitor: Monitor | None = None
         #: Request totals by label, and a cache by (raw method, id(route)) in front of it
-        #: (of the route object and the series' running totals).
+        #: (of the route object, the series' running totals and its two labels).
         self._by_label: dict[tuple[str, str], RequestSeries] = {}
-        self._fast: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._fast: dict[tuple[str, int], tuple[Any, Any, str, str]] = {}
         #: Request owners in flight (with the C extension an InFlight: the C owners linked
         #: through their own fields, no hashing per request).
         self._in_flight: Any = set() if speedups is None else speedups.InFlight()

@@ -59,7 +59,7 @@ def get_monitor(loop: asyncio.AbstractEventLoop | None = None) -> Monitor | None
     return _monitors.get(loop)
 
 
-class Monitor(StepState):  # type: ignore[misc]
+class Monitor(StepState):
     """Watches one event loop.
 
     ``Monitor(loop, **options).start()`` on a running (or about to run) loop; ``stop()`` from
