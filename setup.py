@@ -1,18 +1,34 @@
-"""Builds loopwatch's optional C hot path (loopwatch/_speedups.c).
+"""Builds loopwatch's optional compiled hot path.
 
-Everything else is in pyproject.toml. Where the extension cannot be built (no compiler, or
-a Python other than CPython), the install goes on without it and loopwatch runs its
-pure-Python path, which does the same at a higher cost per request.
+* ``loopwatch._ctiming`` from ``loopwatch/_ctiming.c``: the loop-step timing (the twin of
+  ``_hooks.py``);
+* ``loopwatch._crequest`` from ``loopwatch/_request.py`` itself, by Cython, with the types in
+  ``loopwatch/_crequest.pxd``: the per-request path, the same source compiled.
+
+Everything else is in pyproject.toml. Where they cannot be built (no compiler, no Cython, a
+Python other than CPython), the install goes on without them and loopwatch runs the same code
+in pure Python, at a higher cost per step and per request.
 """
 
+import os
 import platform
 
 from setuptools import Extension, setup
 
-ext_modules = []
-if platform.python_implementation() == "CPython":
+ext_modules: list[Extension] = []
+if platform.python_implementation() == "CPython" and not os.environ.get("LOOPWATCH_NO_COMPILE"):
     ext_modules.append(
-        Extension("loopwatch._speedups", ["loopwatch/_speedups.c"], optional=True)
+        Extension("loopwatch._ctiming", ["loopwatch/_ctiming.c"], optional=True)
     )
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        pass
+    else:
+        compiled = Extension("loopwatch._crequest", ["loopwatch/_request.py"], optional=True)
+        ext_modules += cythonize(
+            [compiled], quiet=True,
+            compiler_directives={"language_level": 3, "annotation_typing": False},
+        )
 
 setup(ext_modules=ext_modules)

@@ -11,20 +11,21 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from harness.servers import free_port, serve_in_subprocess  # noqa: E402,F401
 BENCH = ROOT / "benchmarks"
-RESULTS = BENCH / "results"
+RESULTS = BENCH / "results"  # the committed reference results (read only)
+OUT = BENCH / "out"  # where benchmarks write
 IMG = ROOT / "docs" / "img"
 
 PACKAGES = (
@@ -110,15 +111,21 @@ def paired_diff(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
 # -- result files -----------------------------------------------------------------------
 
 def write_result(name: str, data: dict[str, Any], command: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    """Write into benchmarks/out/ (not tracked): running a benchmark never changes the
+    reference results committed in benchmarks/results/ (copy them there by hand)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}.json"
     payload = {"command": command, "machine": machine(), **data}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
 
 def read_result(name: str) -> dict[str, Any] | None:
-    path = RESULTS / f"{name}.json"
+    """The newest results of a benchmark: this checkout's own run (benchmarks/out/), else
+    the committed reference (benchmarks/results/)."""
+    path = OUT / f"{name}.json"
+    if not path.exists():
+        path = RESULTS / f"{name}.json"
     if not path.exists():
         return None
     return json.loads(path.read_text())  # type: ignore[no-any-return]
@@ -131,12 +138,6 @@ def command_line() -> str:
 
 
 # -- servers and HTTP -------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 async def http_get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
     """One GET on a fresh connection: status and body (read by Content-Length)."""
@@ -168,43 +169,16 @@ def uvicorn_args(app: str, port: int, loop: str, factory: bool = True) -> list[s
     return args + (["--factory"] if factory else [])
 
 
-@contextlib.contextmanager
 def server(args: Sequence[str], port: int, env: Mapping[str, str] | None = None,
-           ready: str = "/", timeout: float = 30.0) -> Iterator[subprocess.Popen[bytes]]:
-    """``python args`` in its own process, yielded once it answers ``ready``; stopped on exit."""
-    environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    # stderr to a file, not a pipe nobody reads: a full pipe would block the server.
-    errfile = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=environ,
-                            stdout=subprocess.DEVNULL, stderr=errfile)
-
-    def stderr() -> str:
-        errfile.seek(0)
-        return errfile.read().decode(errors="replace")[-3000:]
-
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server {args} exited: {stderr()}")
-            try:
-                http_get_sync(port, ready, timeout=5)
-                break
-            except (OSError, asyncio.TimeoutError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"server {args} did not answer on {port}: {stderr()}") from None
-                time.sleep(0.1)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        errfile.close()
+           ready: str = "/", timeout: float = 30.0,
+           ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """``python args`` from the repository root in its own process, yielded once it answers
+    ``ready``; stopped on exit (``harness.servers.serve_in_subprocess``, its output in a
+    file)."""
+    environ: dict[str, str | None] = {"PYTHONPATH": str(ROOT), "PROMETHEUS_MULTIPROC_DIR": None,
+                                      **(env or {})}
+    return serve_in_subprocess(list(args), port=port, env=environ, timeout=timeout,
+                               path=ready, cwd=ROOT, output="file")
 
 
 def wrk(port: int, path: str, seconds: float, threads: int = 2, connections: int = 50,

@@ -104,6 +104,24 @@ def loopwatch_no_watchdog(awaits: bool = False) -> FastAPI:
     return with_loopwatch(awaits, sample_stacks=False)
 
 
+def loopwatch_otel(awaits: bool = False) -> FastAPI:
+    """Everything on, and the same measurements sent through the OpenTelemetry SDK too (an
+    in-memory reader: what the SDK's aggregation costs, without an exporter's network)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    return with_loopwatch(awaits, meter_provider=provider)
+
+
+def loopwatch_otel_noop(awaits: bool = False) -> FastAPI:
+    """As loopwatch_otel with the OpenTelemetry API's no-op provider: loopwatch's own part
+    of the export (keeping each request, the batches), without the SDK's work."""
+    from opentelemetry.metrics import NoOpMeterProvider
+
+    return with_loopwatch(awaits, meter_provider=NoOpMeterProvider())
+
+
 class PassThrough:
     """The cheapest pure ASGI middleware there is: the floor of any middleware's cost."""
 
@@ -124,6 +142,8 @@ ABLATIONS: dict[str, Callable[..., FastAPI]] = {
     "pass-through-middleware": passthrough,
     "monitor-only": monitor_only,
     "loopwatch-no-watchdog": loopwatch_no_watchdog,
+    "loopwatch-otel": loopwatch_otel,
+    "loopwatch-otel-noop": loopwatch_otel_noop,
 }
 
 

@@ -4,7 +4,9 @@ Each piece of loopwatch's hot path is run on its own, n and 2n times, between ca
 zero and dump markers (see callgrind.py); the difference divided by n is its count per call:
 
 * the whole ``LoopWatchMiddleware`` request path around a minimal ASGI app (no FastAPI),
-  against the bare app and against the cheapest possible pass-through middleware;
+  against the bare app and against the cheapest possible pass-through middleware, and the
+  same request path from its plain Python source (``loopwatch._request``) on the same C step
+  timing, which says what compiling it with Cython buys;
 * ``LoopWatchMetrics.flush()``, which folds the batched observations into Prometheus, per
   request folded;
 * the step hooks: ``Handle._run`` with loopwatch's wrapper (asyncio) and
@@ -12,7 +14,7 @@ zero and dump markers (see callgrind.py); the difference divided by n is its cou
 * the parts of the request path one by one (``model`` rows re-create a piece of the
   middleware's code; the others call loopwatch's own functions).
 
-It measures the hot path loopwatch runs: the C extension where it was built; with
+It measures the hot path loopwatch runs: the compiled one where it was built; with
 ``LOOPWATCH_PURE_PYTHON=1`` the pure-Python one.
 
     python benchmarks/breakdown.py [--n 4000]
@@ -51,9 +53,10 @@ def child(n: int) -> None:
     import loopwatch
     from loopwatch import _hooks, _monitor
     from loopwatch._attribution import current_owner
-    from loopwatch._accel import speedups
-    from loopwatch._middleware import LoopWatchMiddleware, _finish, _new_owner
-    from loopwatch._routes import method_label, route_label
+    from loopwatch import _request
+    from loopwatch._accel import HOT_PATH, request
+    from loopwatch._middleware import LoopWatchMiddleware
+    from loopwatch._routes import method_label
 
     names: list[str] = []
 
@@ -84,6 +87,7 @@ def child(n: int) -> None:
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         scope["route"] = route
+        scope["endpoint"] = app  # as Starlette's router sets them
         await send(start)
         await send(body)
 
@@ -113,12 +117,24 @@ def child(n: int) -> None:
 
     loop.run_until_complete(requests(middleware, 1))
     assert middleware.monitor is not None and middleware.monitor.active
+    # A plain ASGI app has no routes for the middleware to read its label from, so nothing
+    # caches it: put its (method, endpoint) in the cache, as the first request to a routed
+    # endpoint does, so that each request takes the path a routed app's requests take.
+    series = middleware.metrics.new_series("GET", "/items/{item_id}")
+    middleware._fast[("GET", id(app))] = (app, series.totals, "GET", "/items/{item_id}")
     middleware.metrics.flush()
 
-    for name, asgi in (("app alone", app), ("pass-through middleware", passthrough),
-                       ("LoopWatchMiddleware request path", middleware),
-                       ("LoopWatchMiddleware request path, as a coroutine (_call)",
-                        middleware._call)):
+    paths: list[tuple[str, Any]] = [
+        ("app alone", app), ("pass-through middleware", passthrough),
+        ("LoopWatchMiddleware request path", middleware)]
+    if request is not _request:
+        # The plain Python source of the same path, on the same middleware and step timing;
+        # its owners are the compiled module's, which the C step timing charges.
+        py_path = types.MethodType(_request.RequestPath._serve, middleware)
+        _request.new_owner = request.new_owner  # type: ignore[assignment]
+        _request.finish = request.finish  # type: ignore[assignment]
+        paths.append(("LoopWatchMiddleware request path, its Python source", py_path))
+    for name, asgi in paths:
         segment(name, lambda k, a=asgi: loop.run_until_complete(requests(a, k)))
         middleware.metrics.flush()
 
@@ -173,11 +189,36 @@ def child(n: int) -> None:
     segment("coroutine.send, in TimedCoroutine (uvloop step)", lambda k: sends(k, True))
     segment("coroutine.send, original", lambda k: sends(k, False))
 
+    # -- a task on uvloop: created by loopwatch's task factory (the coroutine in a
+    # TimedCoroutine, get_coro shadowed) and run to its end, against uvloop's own --
+    import uvloop
+
+    uv = uvloop.new_event_loop()
+
+    async def nothing() -> None:
+        pass
+
+    async def tasks(k: int) -> None:
+        create = uv.create_task
+        for _ in range(k):
+            await create(nothing())
+
+    uv_monitor = loopwatch.Monitor(uv, log_blocks=False, sample_stacks=False,
+                                   block_threshold=60.0, probe_interval=59.0)
+    uv.run_until_complete(asyncio.sleep(0))
+    uv_monitor.start()
+    segment("uvloop task, through loopwatch's factory", lambda k: uv.run_until_complete(tasks(k)))
+    uv_monitor.stop()
+    segment("uvloop task, uvloop's own", lambda k: uv.run_until_complete(tasks(k)))
+    uv.close()
+    asyncio.set_event_loop(loop)
+
     # -- the request path, piece by piece --
-    scope = dict(template, route=route)
+    scope = dict(template, route=route, endpoint=app)
+    routes = middleware._routes
 
     def new_owner(send_: Any = send) -> Any:  # as the middleware makes one
-        return _new_owner(scope, "", send_)
+        return request.new_owner(scope, routes, send_)
 
     def loop_only(k: int) -> None:
         for _ in range(k):
@@ -193,8 +234,8 @@ def child(n: int) -> None:
         for _ in range(k):
             reset(set_(o))
 
-    def in_flight(k: int) -> None:  # the middleware's container (the C path links directly)
-        s: Any = set() if speedups is None else speedups.InFlight()
+    def in_flight(k: int) -> None:  # the middleware's set of requests in flight
+        s: Any = set()
         o = new_owner()
         for _ in range(k):
             s.add(o)
@@ -203,27 +244,28 @@ def child(n: int) -> None:
     def labels(k: int) -> None:  # what the middleware's cache saves after the first request
         for _ in range(k):
             method_label(scope["method"])
-            route_label(scope, "")
+            routes.label(scope)
 
     fast = middleware._fast
+    totals = series.totals
 
     def series_lookup(k: int) -> None:  # the middleware's cached lookup
         for _ in range(k):
-            r = scope.get("route")
-            if scope.get("root_path", "") == "":
-                entry = fast.get((scope["method"], id(r)))
-                assert entry is not None and entry[0] is r
+            e = scope.get("endpoint")
+            if not scope.get("root_path"):
+                entry = fast.get((scope["method"], id(e)))
+                assert entry is not None and entry[0] is e
 
-    series = middleware.metrics.new_series("GET", "/bench")
     finisher = new_owner()
 
     def finish(k: int) -> None:  # the middleware's end of a request (cached totals)
         t0 = time.perf_counter()
+        fin = request.finish
         for _ in range(k):
-            assert _finish(finisher, monitor, t0, fast, scope, "") is None
+            assert fin(finisher, monitor, t0, fast, scope) is None
 
     def series_add(k: int) -> None:
-        add = series.add
+        add = totals.add
         for _ in range(k):
             add(200, 0.00012, 0.00005)
 
@@ -242,9 +284,8 @@ def child(n: int) -> None:
     async def wrapped_sends(k: int) -> None:  # the owner as the request's send, per request
         for _ in range(k):
             o = new_owner()
-            wrapper = o if speedups is not None else o.send_wrapper
-            await wrapper(start)
-            await wrapper(body)
+            await o(start)
+            await o(body)
 
     async def owner_and_plain_sends(k: int) -> None:  # the owner alone, to subtract
         for _ in range(k):
@@ -259,7 +300,7 @@ def child(n: int) -> None:
         ("in-flight add + discard (as Python calls)", in_flight),
         ("method_label + route_label (uncached)", labels),
         ("series cache lookup", series_lookup),
-        ("RequestSeries.add", series_add),
+        ("Totals.add", series_add),
         ("finish (loop time, cache lookup, add)", finish),
         ("3 x perf_counter()", clocks),
     ):
@@ -271,7 +312,7 @@ def child(n: int) -> None:
     ):
         segment(name, lambda k, f=afn: loop.run_until_complete(f(k)))
     loop.close()
-    print("HOTPATH " + ("C extension" if speedups is not None else "pure Python"), flush=True)
+    print("HOTPATH " + ("compiled" if HOT_PATH == "c" else "pure Python"), flush=True)
     print("SEGMENTS " + json.dumps(names), flush=True)
 
 
@@ -309,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name in ("request owner", "ContextVar set + reset",
                     "in-flight add + discard (as Python calls)",
                     "method_label + route_label (uncached)",
-                    "series cache lookup", "RequestSeries.add", "3 x perf_counter()",
+                    "series cache lookup", "Totals.add", "3 x perf_counter()",
                     "finish (loop time, cache lookup, add)"):
             rows[name] -= empty
     log(f"instructions per call (callgrind), loopwatch's hot path in {hot_path}:")

@@ -30,7 +30,6 @@ from fastapi import FastAPI  # noqa: E402
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
 import loopwatch  # noqa: E402
-from loopwatch import _routes  # noqa: E402
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024
@@ -39,6 +38,14 @@ MIB = 1024 * 1024
 def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * _PAGE
+
+
+def middleware_of(app: Any) -> Any:
+    """The LoopWatchMiddleware in a started Starlette app's middleware stack."""
+    layer = app.middleware_stack
+    while not isinstance(layer, loopwatch.LoopWatchMiddleware):
+        layer = layer.app
+    return layer
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -101,7 +108,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "request_duration": len(metrics._request_children),
             "requests_total": len(metrics._count_children),
         },
-        "route_cache_entries": len(_routes._plain),
+        # The middleware's label cache, by (method, endpoint): one per routed endpoint, none
+        # for unknown paths.
+        "route_cache_entries": len(middleware_of(app)._fast),
         "exposition_bytes": len(exposition),
     }
     log(f"growth after the first {args.first:,} requests: {growth / MIB:+.2f} MiB (peak "

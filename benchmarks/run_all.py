@@ -2,8 +2,9 @@
 
     python benchmarks/run_all.py [--quick] [--only overhead,accuracy,...] [--no-report]
 
-Writes benchmarks/results/*.json, docs/img/*.png and the generated figures section of
-docs/performance.md. The full run takes ~30 minutes on a 2-core machine, ``--quick`` ~5.
+Writes benchmarks/out/*.json, and (report.py) benchmarks/out/img/*.png and the figures
+section of benchmarks/out/performance.md: nothing tracked (``report.py --docs`` writes into
+docs/, to commit). The full run takes ~30 minutes on a 2-core machine, ``--quick`` ~5.
 
 Timing-sensitive benchmarks run one after another with nothing else of ours running:
 in-process overhead, wrk, monitor cost, accuracy, the headline. Then those whose results do
@@ -122,7 +123,7 @@ def main() -> None:
         write_result("run_all", run, "python benchmarks/run_all.py" +
                      (" --quick" if args.quick else ""))
     else:
-        log("\n(--only: benchmarks/results/run_all.json left as it was)")
+        log("\n(--only: benchmarks/out/run_all.json left as it was)")
     if not args.no_report:
         subprocess.run([sys.executable, str(BENCH / "report.py")], cwd=ROOT, check=True)
     log(f"\ndone in {(time.monotonic() - t0) / 60:.1f} min"

@@ -1,5 +1,7 @@
-"""Grafana dashboard, Prometheus rules and the local observability stack for loopwatch.
+"""Grafana dashboard, Prometheus rules and the local observability stacks for loopwatch.
 
-Not part of the installed library: this package holds the monitoring artifacts and
-``python -m dashboards.stack``, which runs them on one machine without Docker.
+Not part of the installed library: this package holds the monitoring artifacts, the dashboard
+as code (``python -m dashboards.loopwatch_dashboard`` writes ``loopwatch.json``), and
+``python -m dashboards.stack`` / ``python -m dashboards.stack.fleet``, which run the demo stack
+and a fleet on one machine without Docker.
 """

@@ -1,6 +1,7 @@
 """The loopwatch demo: the article's FastAPI backend, an upstream simulator and a load generator.
 
-Run everything on one machine with ``python -m demo_app``; see ``--help``.
+Run everything on one machine with ``.venv/bin/python -m demo_app`` (after
+``bash scripts/demo.sh``); see ``--help``.
 """
 
 from .app import create_app

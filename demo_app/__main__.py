@@ -1,4 +1,4 @@
-"""Run the demo on one machine: ``python -m demo_app`` (see ``--help``).
+"""Run the demo on one machine: ``.venv/bin/python -m demo_app`` (see ``--help``).
 
 The demo and, unless ``--no-upstream``, the upstream simulator run in this process. The
 simulator gets its own thread and event loop: the demo's anti-pattern routes block the
@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 
 from .app import create_app
+from .commands import python_command
 from .config import ConfigError, Settings, Spec, flag, host, int_range
 from .faults import Behaviour
 from .upstream import UpstreamSimulator, create_upstream_app
@@ -25,6 +26,37 @@ from .upstream import UpstreamSimulator, create_upstream_app
 __all__ = ["main"]
 
 _WILDCARDS = {"", "0.0.0.0", "::"}
+
+#: Every line the demo logs says when and how bad: a block warning is read next to others.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging, with a time stamp and a level on every line, for every logger.
+
+    loopwatch's block warnings and the demo's upstream failures propagate to the root
+    logger; other libraries' INFO lines (httpx logs every request it sends) stay out.
+    """
+    access = f'{LOG_FORMAT[:-len("%(message)s")]}%(client_addr)s "%(request_line)s" %(status_code)s'
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "default": {"format": LOG_FORMAT},
+            "access": {"()": "uvicorn.logging.AccessFormatter", "fmt": access, "use_colors": False},
+        },
+        "handlers": {
+            "default": {"class": "logging.StreamHandler", "formatter": "default",
+                        "stream": "ext://sys.stderr"},
+            "access": {"class": "logging.StreamHandler", "formatter": "access",
+                       "stream": "ext://sys.stdout"},
+        },
+        "root": {"handlers": ["default"], "level": "WARNING"},
+        "loggers": {
+            "uvicorn": {"level": "INFO"},
+            "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+        },
+    }
 
 # option -> (environment variable, spec, default). A flag wins over its variable.
 _OPTIONS: dict[str, tuple[str, Spec[Any], Any]] = {
@@ -56,7 +88,7 @@ def _typed(option: str) -> Callable[[str], Any]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m demo_app",
+        prog=f"{python_command()} -m demo_app",
         description=(
             "Run the loopwatch demo: the article's FastAPI backend with its anti-patterns,"
             " watched by loopwatch, and an upstream simulator it calls."
@@ -150,6 +182,7 @@ def _banner(args: argparse.Namespace, settings: Settings) -> str:
     if not args.no_loopwatch:
         # The trailing slashes spare curl the redirect from the mount point.
         lines += [
+            f"  live page       {demo}/loopwatch/",
             f"  metrics         {demo}/metrics/",
             f"  block events    {demo}/loopwatch/events/",
         ]
@@ -159,7 +192,8 @@ def _banner(args: argparse.Namespace, settings: Settings) -> str:
         "Block the loop, then see where:",
         f"  curl '{demo}/antipatterns/sleep?ms=300'",
         f"  curl {demo}/loopwatch/events/" if not args.no_loopwatch else "",
-        f"Keep it busy: python -m demo_app.load {demo} --duration 0",
+        "Keep it busy, until Ctrl-C:",
+        f"  {python_command()} -m demo_app.load {demo} --duration 0",
     ]
     return "\n".join(line for line in lines if line)
 
@@ -177,7 +211,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     app = create_app(settings, instrument=not args.no_loopwatch)
     # The demo's Config is built first: it configures uvicorn's logging for both servers.
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, loop=args.loop, access_log=args.access_log
+        app, host=args.host, port=args.port, loop=args.loop, access_log=args.access_log,
+        log_config=log_config(),
     )
     simulator = (
         None

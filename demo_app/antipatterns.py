@@ -14,49 +14,52 @@ import hashlib
 import os
 import threading
 import time
-from typing import Any
-
 import requests
 from fastapi import APIRouter
 
 from .deps import AppSettings, BlockMs, Client, SimControl, UserId
-from .errors import json_body, upstream_errors
+from .errors import UPSTREAM_RESPONSES, upstream_errors
+from .models import Block, CpuWork, Dashboard, FileRead, Weather
+from .routes import dashboard
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/antipatterns", tags=["anti-patterns"])
 
 
-@router.get("/requests-get")
-async def requests_get(settings: AppSettings, sim: SimControl, ms: BlockMs = 500) -> Any:
+@router.get("/requests-get", responses=UPSTREAM_RESPONSES)
+async def requests_get(settings: AppSettings, sim: SimControl, ms: BlockMs = 500) -> Weather:
     """The article's weather example with ``requests.get`` inside ``async def``.
 
     Wrong: ``requests`` waits for the upstream's answer (``ms``, set on the simulator)
     on the event loop's thread, so no other request is served meanwhile; 100 users of a
     500 ms upstream are served one after another and the last waits about 50 s.
     Fix: ``await client.get(...)`` on the shared ``httpx.AsyncClient`` (``/weather``).
+
+    Its upstream failures map to the same answers as the other routes' (404, 502, 504).
     """
     headers = {**sim, "x-sim-delay-ms": str(ms)}
     timeout = (settings.connect_timeout, settings.timeout)
     url = f"{settings.upstream_url}/weather"
-    response = requests.get(url, headers=headers, timeout=timeout)  # noqa: ASYNC210
-    response.raise_for_status()
-    return response.json()
+    with upstream_errors("the weather"):
+        response = requests.get(url, headers=headers, timeout=timeout)  # noqa: ASYNC210
+        response.raise_for_status()
+        return Weather.model_validate(response.json())
 
 
 @router.get("/sleep")
-async def sleep(ms: BlockMs = 200) -> dict[str, int]:
+async def sleep(ms: BlockMs = 200) -> Block:
     """``time.sleep`` inside ``async def``.
 
     Wrong: the whole event loop sleeps, not just this request.
     Fix: ``await asyncio.sleep(seconds)``.
     """
     time.sleep(ms / 1000)  # noqa: ASYNC251
-    return {"slept_ms": ms}
+    return Block(slept_ms=ms)
 
 
-@router.get("/sequential/{user_id}")
-async def sequential_dashboard(user_id: UserId, client: Client, sim: SimControl) -> dict[str, Any]:
+@router.get("/sequential/{user_id}", responses=UPSTREAM_RESPONSES)
+async def sequential_dashboard(user_id: UserId, client: Client, sim: SimControl) -> Dashboard:
     """``/dashboard/{user_id}`` with one ``await`` after another.
 
     Wrong: nothing blocks the loop, but the three independent calls run one after the
@@ -69,15 +72,11 @@ async def sequential_dashboard(user_id: UserId, client: Client, sim: SimControl)
         notifications = await client.get(f"/users/{user_id}/notifications/count", headers=sim)
         for response in (profile, orders, notifications):
             response.raise_for_status()
-        return {
-            "profile": json_body(profile),
-            "orders": json_body(orders),
-            "notification_count": json_body(notifications),
-        }
+        return dashboard(profile, orders, notifications)
 
 
 @router.get("/sync-def")
-def sync_def(ms: BlockMs = 200) -> dict[str, int]:
+def sync_def(ms: BlockMs = 200) -> Block:
     """A blocking call in a plain ``def`` route.
 
     FastAPI runs ``def`` routes in a thread pool, so the loop stays free — but each
@@ -87,11 +86,11 @@ def sync_def(ms: BlockMs = 200) -> dict[str, int]:
     Fix: an ``async def`` route that awaits (``await asyncio.sleep``, an async client).
     """
     time.sleep(ms / 1000)
-    return {"slept_ms": ms}
+    return Block(slept_ms=ms)
 
 
 @router.get("/cpu")
-async def cpu(ms: BlockMs = 200) -> dict[str, Any]:
+async def cpu(ms: BlockMs = 200) -> CpuWork:
     """CPU-bound work (think password hashing or report rendering) inside ``async def``.
 
     Wrong: the loop computes for ``ms`` and serves nobody else meanwhile.
@@ -104,7 +103,7 @@ async def cpu(ms: BlockMs = 200) -> dict[str, Any]:
     while time.perf_counter() < deadline:
         digest = hashlib.sha256(digest).digest()
         rounds += 1
-    return {"rounds": rounds, "digest": digest.hex()}
+    return CpuWork(rounds=rounds, digest=digest.hex())
 
 
 def _slow_file(seconds: float) -> int:
@@ -124,7 +123,7 @@ def _slow_file(seconds: float) -> int:
 
 
 @router.get("/file-read")
-async def file_read(ms: BlockMs = 200) -> dict[str, int]:
+async def file_read(ms: BlockMs = 200) -> FileRead:
     """``open().read()`` of a slow file inside ``async def``.
 
     Wrong: the read waits for the disk (here ``ms``) on the loop's thread.
@@ -132,4 +131,4 @@ async def file_read(ms: BlockMs = 200) -> dict[str, int]:
     """
     with open(_slow_file(ms / 1000), "rb") as source:  # noqa: ASYNC230
         data = source.read()
-    return {"bytes": len(data)}
+    return FileRead(bytes=len(data))

@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING
 
 import anyio
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html
+from fastapi.responses import HTMLResponse
+from fastapi_offline import FastAPIOffline
 
 from . import antipatterns, routes
 from .config import Settings
@@ -127,6 +130,32 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
 
 
+#: Where the demo serves Swagger UI's and ReDoc's JavaScript, CSS and icon.
+DOCS_ASSETS = "/static-offline-docs"
+#: ReDoc's sidebar always shows Redocly's logo from their CDN: the page may load nothing
+#: that is not the demo's (inline styles and a blob: worker are ReDoc's own), so the browser
+#: never asks (the logo is left out) and the docs page contacts no one but the demo.
+REDOC_CSP = (
+    "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
+    " worker-src 'self' blob:"
+)
+
+
+def _add_redoc(app: FastAPI) -> None:
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        page = get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+        page.headers["Content-Security-Policy"] = REDOC_CSP
+        return page
+
+
 def add_loopwatch(app: FastAPI, *, registry: CollectorRegistry | None = None) -> None:
     """Watch ``app`` with loopwatch: the only place the demo touches it.
 
@@ -142,6 +171,8 @@ def add_loopwatch(app: FastAPI, *, registry: CollectorRegistry | None = None) ->
     app.mount("/metrics", metrics)
     app.add_route("/loopwatch/events", events, include_in_schema=False)
     app.mount("/loopwatch/events", events)
+    # The live page (after the events, which the mount would otherwise shadow).
+    app.mount("/loopwatch", loopwatch.ui_app(registry=registry))
 
 
 def create_app(
@@ -156,7 +187,16 @@ def create_app(
     watched by loopwatch (see :func:`add_loopwatch`), its metrics going to ``registry``
     (the global Prometheus registry by default).
     """
-    app = FastAPI(title="loopwatch demo", description=DESCRIPTION, lifespan=_lifespan)
+    # /docs and /redoc with Swagger UI's and ReDoc's assets served by the demo itself (from
+    # the fastapi-offline package), not from a CDN: they work on a machine with no internet.
+    app = FastAPIOffline(
+        title="loopwatch demo",
+        description=DESCRIPTION,
+        lifespan=_lifespan,
+        static_url=DOCS_ASSETS,
+        redoc_url=None,
+    )
+    _add_redoc(app)
     app.state.settings = settings if settings is not None else Settings.from_env()
     app.include_router(routes.router)
     app.include_router(antipatterns.router)

@@ -142,10 +142,12 @@ class Settings:
     """How the demo reaches its upstream services.
 
     The defaults are the article's: a 10 s timeout with 5 s to connect, and a pool of
-    50 connections of which 20 are kept alive between requests. ``analytics_url``
-    defaults to the simulator's event sink under ``upstream_url``. :meth:`from_env` reads
-    each field from the variable named in its metadata (``DEMO_UPSTREAM_URL``,
-    ``DEMO_TIMEOUT_SECONDS``, ...).
+    50 connections of which 20 are kept alive between requests. Keeping many more alive
+    costs a burst of requests event-loop time in httpcore 1.0's pool, which hands every
+    waiting request the same idle connection and retries the losers (docs/performance.md).
+    ``analytics_url`` defaults to the simulator's event sink under ``upstream_url``.
+    :meth:`from_env` reads each field from the variable named in its metadata
+    (``DEMO_UPSTREAM_URL``, ``DEMO_TIMEOUT_SECONDS``, ...).
     """
 
     upstream_url: str = field(

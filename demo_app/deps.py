@@ -8,6 +8,7 @@ import httpx
 from fastapi import Depends, Path, Query, Request
 
 from .config import Settings
+from .upstream import ENTITIES
 
 __all__ = [
     "MAX_BLOCK_MS",
@@ -20,13 +21,20 @@ __all__ = [
     "UserId",
 ]
 
-# Ids are bounded so that a huge or negative id is refused with 422 before any upstream call.
-MAX_ID = 10**9
+# Ids are those the upstream simulator serves: any other is refused with 422 before an
+# upstream call, so the schema says which ids exist. (An upstream 404 is still possible,
+# e.g. with ``X-Sim-Status: 404``, and documented.)
+MAX_ID = ENTITIES
 # Anti-pattern routes block for at most this long, so a stray request cannot wedge the demo.
 MAX_BLOCK_MS = 5000
 
-UserId = Annotated[int, Path(ge=1, le=MAX_ID, description="A user id, 1..10^9.")]
-ProductId = Annotated[int, Path(ge=1, le=MAX_ID, description="A product id, 1..10^9.")]
+UserId = Annotated[
+    int, Path(ge=1, le=MAX_ID, description=f"A user id, 1..{MAX_ID}: the users that exist.")
+]
+ProductId = Annotated[
+    int,
+    Path(ge=1, le=MAX_ID, description=f"A product id, 1..{MAX_ID}: the products that exist."),
+]
 BlockMs = Annotated[
     int, Query(ge=0, le=MAX_BLOCK_MS, description="How long to block, in milliseconds (0..5000).")
 ]

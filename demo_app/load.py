@@ -1,13 +1,15 @@
 """Load generator: a weighted mix of the demo's routes, at a given concurrency.
 
-    python -m demo_app.load http://127.0.0.1:8000 --duration 30 --concurrency 20 \\
+    .venv/bin/python -m demo_app.load http://127.0.0.1:8000 --duration 30 --concurrency 20 \\
         --mix "/data=5,/dashboard/1=3,/antipatterns/sleep?ms=150=1"
 
 Each of ``--concurrency`` workers sends one request after another, picking a route by
-weight, until ``--duration`` seconds have passed or ``--requests`` were sent (0 means no
-limit for either; with both 0 it runs until SIGTERM or Ctrl-C). At the end it prints one
-row per route: count, errors and p50/p95/p99/max latency. Requests still in flight when
-it stops are abandoned and not counted.
+weight. ``--requests`` sends exactly that many, however long they take; ``--duration``
+stops sending after that many seconds (10 by default, unless ``--requests`` is given); with
+neither it runs until SIGTERM or Ctrl-C. When it stops sending it waits for the answers to
+the requests it has in flight, so every request the demo serves is counted and none is left
+behind to keep the demo busy after the load is gone; a second SIGTERM or Ctrl-C abandons
+them. At the end it prints one row per route: count, errors and p50/p95/p99/max latency.
 
 It only ever talks to the URL it is given: routes must be paths, and redirects are not
 followed.
@@ -28,14 +30,19 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from .commands import python_command
 from .latency import LatencyHistogram
 
 __all__ = ["LoadResult", "RouteStats", "format_table", "main", "parse_mix", "run_load"]
 
+#: Every anti-pattern blocks for at least twice loopwatch's default block threshold
+#: (100 ms), so each request to one is a block event, not a near miss.
 DEFAULT_MIX = (
     "/data=4,/users/1=2,/dashboard/1=2,/products/1=1,/weather=2,"
-    "/antipatterns/sleep?ms=150=1,/antipatterns/requests-get?ms=200=1,/antipatterns/cpu?ms=100=1"
+    "/antipatterns/sleep?ms=200=1,/antipatterns/requests-get?ms=250=1,/antipatterns/cpu?ms=250=1"
 )
+#: Seconds of sending when neither --duration nor --requests is given.
+DEFAULT_DURATION = 10.0
 
 
 def parse_mix(text: str) -> list[tuple[str, float]]:
@@ -93,8 +100,14 @@ class RouteStats:
 class LoadResult:
     routes: dict[str, RouteStats]
     total: RouteStats
+    #: Seconds from the first request to the last answer (or to abandoning the rest).
     elapsed: float
     concurrency: int
+    #: Requests in flight when sending stopped, and the seconds spent waiting for them.
+    in_flight_at_stop: int = 0
+    drained_in: float = 0.0
+    #: Requests given up on by a second stop signal: sent, never answered, not counted.
+    abandoned: int = 0
 
 
 async def _send(client: httpx.AsyncClient, path: str) -> str | None:
@@ -106,25 +119,28 @@ async def _send(client: httpx.AsyncClient, path: str) -> str | None:
     return str(response.status_code) if response.status_code >= 400 else None
 
 
-async def _all(tasks: Sequence[asyncio.Task[None]]) -> None:
-    await asyncio.gather(*tasks)
-
-
 async def run_load(
     url: str,
     mix: Sequence[tuple[str, float]],
     *,
     concurrency: int = 10,
-    duration: float = 10.0,
+    duration: float = DEFAULT_DURATION,
     requests: int = 0,
     headers: Sequence[tuple[str, str]] = (),
     timeout: float = 30.0,
     progress: bool = False,
     stop: asyncio.Event | None = None,
+    abandon: asyncio.Event | None = None,
     seed: int | None = None,
 ) -> LoadResult:
-    """Run the load and return what was measured; ``stop`` ends it early."""
+    """Run the load and return what was measured.
+
+    Sending stops after ``duration`` seconds (0: no limit), once ``requests`` were sent
+    (0: no limit) or when ``stop`` is set; then the requests in flight are waited for,
+    unless ``abandon`` is set, which cancels them.
+    """
     stop = stop if stop is not None else asyncio.Event()
+    abandon = abandon if abandon is not None else asyncio.Event()
     paths = [path for path, _ in mix]
     weights = [weight for _, weight in mix]
     rng = random.Random(seed)
@@ -132,13 +148,22 @@ async def run_load(
     total = RouteStats()
     # One iterator shared by all workers: together they send exactly `requests` requests.
     budget = itertools.repeat(None, requests) if requests > 0 else itertools.repeat(None)
+    sending = True
+    in_flight = 0
     started = time.perf_counter()
 
     async def worker() -> None:
+        nonlocal in_flight
         for _ in budget:
+            if not sending:
+                return
             path = rng.choices(paths, weights)[0]
             begin = time.perf_counter()
-            failure = await _send(client, path)
+            in_flight += 1
+            try:
+                failure = await _send(client, path)
+            finally:
+                in_flight -= 1
             seconds = time.perf_counter() - begin
             routes[path].record(seconds, failure)
             total.record(seconds, failure)
@@ -158,27 +183,43 @@ async def run_load(
         base_url=url, headers=list(headers), timeout=timeout, limits=limits, follow_redirects=False
     ) as client:
         workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        finished = asyncio.create_task(_all(workers))
+        finished = asyncio.ensure_future(asyncio.gather(*workers))
         stopped = asyncio.create_task(stop.wait())
-        tasks = [*workers, finished, stopped]
+        abandoned = asyncio.create_task(abandon.wait())
+        helpers = [stopped, abandoned]
         if progress:
-            tasks.append(asyncio.create_task(report_progress()))
+            helpers.append(asyncio.create_task(report_progress()))
         await asyncio.wait(
-            (finished, stopped),
+            (finished, stopped, abandoned),
             timeout=duration if duration > 0 else None,
             return_when=asyncio.FIRST_COMPLETED,
         )
+        # No new requests; the ones in flight are answered (each within `timeout`).
+        sending = False
+        in_flight_at_stop = in_flight
+        stopped_at = time.perf_counter()
+        if not finished.done():
+            await asyncio.wait((finished, abandoned), return_when=asyncio.FIRST_COMPLETED)
         elapsed = time.perf_counter() - started
-        for task in tasks:
+        left = in_flight
+        for task in [*workers, finished, *helpers]:
             task.cancel()
-        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        outcomes = await asyncio.gather(*workers, finished, *helpers, return_exceptions=True)
     # Cancellation is how the run ends; any other exception is a bug to surface.
     for outcome in outcomes:
         if isinstance(outcome, Exception):
             raise outcome
     if progress:
         print(file=sys.stderr)
-    return LoadResult(routes=routes, total=total, elapsed=elapsed, concurrency=concurrency)
+    return LoadResult(
+        routes=routes,
+        total=total,
+        elapsed=elapsed,
+        concurrency=concurrency,
+        in_flight_at_stop=in_flight_at_stop,
+        drained_in=time.perf_counter() - stopped_at if in_flight_at_stop else 0.0,
+        abandoned=left,
+    )
 
 
 def _ms(stats: RouteStats, q: float) -> str:
@@ -205,6 +246,16 @@ def format_table(result: LoadResult) -> str:
         f"{count} requests in {result.elapsed:.1f} s ({rate:.1f}/s)"
         f" with concurrency {result.concurrency}"
     )
+    if result.in_flight_at_stop:
+        lines.append(
+            f"{result.in_flight_at_stop} requests were in flight when sending stopped;"
+            f" waited {result.drained_in:.1f} s for their answers"
+        )
+    if result.abandoned:
+        lines.append(
+            f"{result.abandoned} requests abandoned unanswered (not counted): the server may"
+            " still be serving them"
+        )
     for path, stats in result.routes.items():
         if stats.failures:
             listed = ", ".join(f"{name} x{n}" for name, n in stats.failures.most_common())
@@ -214,7 +265,7 @@ def format_table(result: LoadResult) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m demo_app.load",
+        prog=f"{python_command()} -m demo_app.load",
         description="Send a weighted mix of requests to the demo and print latency percentiles.",
     )
     parser.add_argument(
@@ -236,15 +287,15 @@ def _parser() -> argparse.ArgumentParser:
         "-d",
         "--duration",
         type=float,
-        default=10.0,
-        help="seconds to run, 0 = until stopped (default: 10)",
+        help="seconds to send for, 0 = until stopped (default: 10, or no limit with -n)",
     )
     parser.add_argument(
         "-n",
         "--requests",
         type=int,
         default=0,
-        help="stop after this many requests, 0 = no limit (default)",
+        help="send exactly this many requests, however long they take;"
+        " 0 = no limit (default)",
     )
     parser.add_argument(
         "-H",
@@ -275,17 +326,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(exc))
     if args.concurrency < 1:
         parser.error(f"--concurrency={args.concurrency} is invalid: expected an integer >= 1")
-    if args.duration < 0 or args.requests < 0:
-        parser.error("--duration and --requests must be >= 0 (0 means no limit)")
+    if args.requests < 0:
+        parser.error(f"--requests={args.requests} is invalid: expected an integer >= 0"
+                     " (0 means no limit)")
+    if args.duration is None:
+        args.duration = 0.0 if args.requests else DEFAULT_DURATION
+    if not 0 <= args.duration < float("inf"):
+        parser.error(f"--duration={args.duration} is invalid: expected seconds >= 0"
+                     " (0 means no limit)")
     if not args.timeout > 0:
         parser.error(f"--timeout={args.timeout} is invalid: expected seconds > 0")
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
 
     async def load() -> LoadResult:
-        stop = asyncio.Event()
+        stop, abandon = asyncio.Event(), asyncio.Event()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                abandon.set()
+                return
+            stop.set()
+            if progress:
+                print("\nstopping: waiting for the requests in flight (again to abandon them)",
+                      file=sys.stderr, flush=True)
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         return await run_load(
             args.url,
             mix,
@@ -296,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             timeout=args.timeout,
             progress=progress,
             stop=stop,
+            abandon=abandon,
             seed=args.seed,
         )
 

@@ -12,37 +12,40 @@ from typing import Any
 
 import httpx
 from fastapi import APIRouter, BackgroundTasks
+from pydantic import RootModel
 
 from .deps import AppSettings, Client, ProductId, SimControl, UserId
-from .errors import describe, json_body, upstream_errors
+from .errors import UPSTREAM_RESPONSES, describe, parse, upstream_errors
+from .models import Dashboard, Order, Post, Product, User, Weather
 
 __all__ = ["router"]
 
 logger = logging.getLogger("demo_app.analytics")
 
-router = APIRouter(tags=["non-blocking"])
+# Every route here calls the upstream: each may answer 404, 502 or 504 with one error body.
+router = APIRouter(tags=["non-blocking"], responses=UPSTREAM_RESPONSES)
 
 
 @router.get("/data")
-async def get_data(client: Client, sim: SimControl) -> Any:
+async def get_data(client: Client, sim: SimControl) -> Post:
     """Post 1 from the upstream: one awaited call on the shared client."""
     with upstream_errors("post 1"):
         response = await client.get("/posts/1", headers=sim)
         response.raise_for_status()
-        return json_body(response)
+        return parse(Post, response)
 
 
 @router.get("/users/{user_id}")
-async def get_user(user_id: UserId, client: Client, sim: SimControl) -> Any:
+async def get_user(user_id: UserId, client: Client, sim: SimControl) -> User:
     """One user; ``raise_for_status`` turns an upstream 4xx/5xx into an exception."""
     with upstream_errors(f"user {user_id}"):
         response = await client.get(f"/users/{user_id}", headers=sim)
         response.raise_for_status()
-        return json_body(response)
+        return parse(User, response)
 
 
 @router.get("/dashboard/{user_id}")
-async def get_dashboard(user_id: UserId, client: Client, sim: SimControl) -> dict[str, Any]:
+async def get_dashboard(user_id: UserId, client: Client, sim: SimControl) -> Dashboard:
     """Profile, last orders and notification count, fetched concurrently.
 
     ``asyncio.gather`` starts the three calls at once, so the route takes as long as the
@@ -56,36 +59,42 @@ async def get_dashboard(user_id: UserId, client: Client, sim: SimControl) -> dic
         )
         for response in (profile, orders, notifications):
             response.raise_for_status()
-        return {
-            "profile": json_body(profile),
-            "orders": json_body(orders),
-            "notification_count": json_body(notifications),
-        }
+        return dashboard(profile, orders, notifications)
 
 
-@router.get(
-    "/resilient/{user_id}",
-    responses={
-        404: {"description": "The upstream has no such user."},
-        502: {
-            "description": "The upstream failed, was unreachable or sent a body that is not JSON."
-        },
-        504: {"description": "The upstream did not answer within the client's timeout."},
-    },
-)
-async def get_user_resilient(user_id: UserId, client: Client, sim: SimControl) -> Any:
+def dashboard(
+    profile: httpx.Response, orders: httpx.Response, notifications: httpx.Response
+) -> Dashboard:
+    """The dashboard from the three upstream answers, each checked for its shape."""
+    return Dashboard(
+        profile=parse(User, profile),
+        orders=parse(_Orders, orders).root,
+        notification_count=parse(_Count, notifications).root,
+    )
+
+
+class _Orders(RootModel[list[Order]]):
+    pass
+
+
+class _Count(RootModel[int]):
+    pass
+
+
+@router.get("/resilient/{user_id}")
+async def get_user_resilient(user_id: UserId, client: Client, sim: SimControl) -> User:
     """The article's error-handling example: every upstream failure becomes an answer.
 
     Upstream timeout → 504, upstream 404 → 404, any other upstream status → 502, refused,
     reset or dropped connections and unresolvable hosts → 502, a body that is not JSON
-    → 502. ``detail`` is ``{"code", "message", "retryable"}``. The other routes share this
-    mapping (:func:`demo_app.errors.upstream_errors`); this one spells it out in its
-    responses so the failure modes have one documented URL to exercise.
+    → 502. ``detail`` is ``{"code", "message", "retryable"}``. Every route that calls the
+    upstream shares this mapping (:func:`demo_app.errors.upstream_errors`) and declares
+    these answers; this one is where the article spells them out.
     """
     with upstream_errors(f"user {user_id}"):
         response = await client.get(f"/users/{user_id}", headers=sim)
         response.raise_for_status()
-        return json_body(response)
+        return parse(User, response)
 
 
 async def send_analytics_event(client: httpx.AsyncClient, url: str, event: dict[str, Any]) -> None:
@@ -108,7 +117,7 @@ async def get_product(
     sim: SimControl,
     settings: AppSettings,
     background_tasks: BackgroundTasks,
-) -> Any:
+) -> Product:
     """A product; the analytics event is posted after the response has been sent.
 
     The user does not wait for the analytics sink, and a slow or failing sink cannot
@@ -117,7 +126,7 @@ async def get_product(
     with upstream_errors(f"product {product_id}"):
         response = await client.get(f"/products/{product_id}", headers=sim)
         response.raise_for_status()
-        product = json_body(response)
+        product = parse(Product, response)
     background_tasks.add_task(
         send_analytics_event,
         client,
@@ -128,7 +137,7 @@ async def get_product(
 
 
 @router.get("/weather")
-async def get_weather(client: Client, sim: SimControl) -> Any:
+async def get_weather(client: Client, sim: SimControl) -> Weather:
     """The article's weather example done right: awaited, so the loop keeps serving.
 
     ``/antipatterns/requests-get`` is the same call made with ``requests``.
@@ -136,4 +145,4 @@ async def get_weather(client: Client, sim: SimControl) -> Any:
     with upstream_errors("the weather"):
         response = await client.get("/weather", headers=sim)
         response.raise_for_status()
-        return json_body(response)
+        return parse(Weather, response)

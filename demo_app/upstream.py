@@ -10,7 +10,7 @@ Latency and failures are injected per request with ``X-Sim-*`` headers, per rout
 connections seen, ``POST /_sim/reset`` clears the counters and the events; these two are
 neither counted nor subject to injected faults.
 
-Serve it alone with ``uvicorn demo_app.upstream:create_upstream_app --factory --port 8001``.
+Serve it alone with ``.venv/bin/python -m demo_app.upstream --port 8001``.
 """
 
 from __future__ import annotations
@@ -205,13 +205,16 @@ def _build_api(sim: UpstreamSimulator) -> FastAPI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m demo_app.upstream``: the simulator alone (docker-compose, the stack)."""
+    """``.venv/bin/python -m demo_app.upstream``: the simulator alone (docker-compose, the
+    stack)."""
     import argparse
 
     import uvicorn
 
+    from .commands import python_command
+
     parser = argparse.ArgumentParser(
-        prog="python -m demo_app.upstream",
+        prog=f"{python_command()} -m demo_app.upstream",
         description="Run the upstream simulator alone. Default latency and failures come "
         "from SIM_DELAY_MS, SIM_JITTER_MS, SIM_STATUS, SIM_ERROR_RATE, SIM_HANG, SIM_DROP "
         "and SIM_GARBAGE; per request from the X-Sim-* headers.",

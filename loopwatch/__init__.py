@@ -13,7 +13,8 @@ from ._attribution import Owner, owner_scope
 from ._config import Config
 from ._events import BlockEvent, Frame
 from ._middleware import LoopWatchMiddleware
-from ._monitor import Monitor, get_monitor
+from ._monitor import Monitor, Sink, get_monitor
+from ._ui import ui_app
 from ._watch import Watch, watch
 
 __version__ = "0.1.0"
@@ -25,11 +26,13 @@ __all__ = [
     "LoopWatchMiddleware",
     "Monitor",
     "Owner",
+    "Sink",
     "Watch",
     "__version__",
     "events_app",
     "get_monitor",
     "metrics_app",
     "owner_scope",
+    "ui_app",
     "watch",
 ]

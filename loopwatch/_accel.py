@@ -1,63 +1,41 @@
-"""The optional C hot path: ``loopwatch._speedups``, where it was built.
+"""The compiled hot path, where it was built: ``loopwatch._ctiming`` and ``loopwatch._crequest``.
 
-The C extension does exactly what the pure-Python code beside it does (the step hooks in
-``_hooks``, the request owner in ``_middleware``, the running totals in ``_metrics``), for a
-fraction of the instructions per request and per loop step. Where it was not built (no
-compiler at install time, a Python other than CPython), or with ``LOOPWATCH_PURE_PYTHON=1``
-in the environment, loopwatch runs the pure-Python path.
+* ``_ctiming`` (hand-written C, ``_ctiming.c``) does exactly what :mod:`._hooks` does for
+  each loop step, and holds the monitor's per-step fields (:class:`StepState`);
+* ``_crequest`` is :mod:`._request` itself -- the same source -- compiled by Cython, with the
+  types ``_request.pxd`` gives it: the per-request path (:data:`request`).
+
+Where they were not built (no compiler or Cython at install time, a Python other than
+CPython), or with ``LOOPWATCH_PURE_PYTHON=1`` in the environment, loopwatch runs the same
+code in pure Python, at a higher cost per step and per request.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
 from typing import TYPE_CHECKING, Any
 
+from . import _request
 from ._attribution import current_owner
-from ._routes import method_label, route_label
+from ._build import PURE_PYTHON_VAR, ctiming
 
-__all__ = ["PURE_PYTHON_VAR", "StepState", "speedups"]
+__all__ = ["HOT_PATH", "PURE_PYTHON_VAR", "StepState", "ctiming", "request"]
 
-#: Set to 1 to run the pure-Python path although the extension is there.
-PURE_PYTHON_VAR = "LOOPWATCH_PURE_PYTHON"
-
-speedups: Any = None
-if os.environ.get(PURE_PYTHON_VAR, "").strip().lower() in ("", "0", "false", "no"):
+#: The per-request path: _request compiled (_crequest), or _request itself.
+request: Any = _request
+if ctiming is not None:
     try:
-        from . import _speedups as speedups
-    except ImportError:  # not built here: the pure-Python path
-        speedups = None
+        from . import _crequest as request  # type: ignore[attr-defined, no-redef]
+    except ImportError:  # built without Cython: the per-request path in Python
+        request = _request
 
-
-def _labels(owner: Any) -> tuple[str, str]:
-    """(method, route) of a C request owner, for block events and in-progress gauges."""
-    return method_label(owner.scope["method"]), route_label(owner.scope, owner.root_path)
-
-
-_original_run = asyncio.events.Handle._run
-#: Whether Handle._run is the one-line body the C hook runs itself (3.10-3.13 all are:
-#: ``self._context.run(self._callback, *self._args)`` in a try that reports exceptions);
-#: otherwise the C hook calls the original for every callback.
-INLINE_RUN = (
-    getattr(getattr(_original_run, "__code__", None), "co_names", ())[:4]
-    == ("_context", "run", "_callback", "_args")
-)
-
-if speedups is not None:
-    speedups.configure(
-        owner_var=current_owner,
-        original_run=_original_run,
-        current_task=asyncio.current_task,
-        labeler=_labels,
-        inline_run=INLINE_RUN,
-    )
+if ctiming is not None:
+    ctiming.configure(owner_var=current_owner, owner_type=request.RequestOwner)
 
 
 class _PyStepState:
-    """What the step hooks write on a monitor (``_speedups.StepState`` is its C twin)."""
+    """What the step hooks write on a monitor (``_ctiming.StepState`` is its C twin)."""
 
-    __slots__ = ("_closing", "active", "busy", "step_start", "threshold")
-    _closing: tuple[float, Any]  #: (start of the step, owner) of the request that just ended
+    __slots__ = ("active", "busy", "step_start", "threshold")
     active: bool
     busy: float
     step_start: float
@@ -68,4 +46,7 @@ class _PyStepState:
 if TYPE_CHECKING:
     StepState = _PyStepState
 else:
-    StepState = _PyStepState if speedups is None else speedups.StepState
+    StepState = _PyStepState if ctiming is None else ctiming.StepState
+
+#: Which path runs: "c" or "python" (shown by events_app).
+HOT_PATH = "python" if ctiming is None else "c"

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import glob
 import gzip
+import itertools
 import json
 import os
-import threading
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from ._accel import speedups
+from ._accel import HOT_PATH
+from ._events import BlockEvent
 from ._metrics import flush_all
 from ._monitor import get_monitor
+from ._offloop import Busy, in_thread, respond
 
 __all__ = ["events_app", "metrics_app"]
 
@@ -46,13 +47,6 @@ async def _not_http(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "websocket.close", "code": 1003})
 
 
-async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]],
-                   head_only: bool) -> None:
-    headers = [*headers, (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head_only else body})
-
-
 def _forget_dead_workers(directory: str) -> None:
     """Drop the live gauges of worker processes that are gone (uvicorn's supervisor, unlike
     gunicorn's ``child_exit`` hook, never calls ``mark_process_dead``): their counters and
@@ -70,35 +64,6 @@ def _forget_dead_workers(directory: str) -> None:
                 pass
         except (ValueError, PermissionError, OSError):
             continue
-
-
-async def _render_in_thread(*args: Any) -> tuple[bytes, str, bool]:
-    """``_render(*args)`` in a thread of its own, never in the loop's default executor: a
-    scrape must not queue behind the application's ``run_in_executor`` work (metrics are most
-    needed when the app is saturated). A thread per scrape costs ~0.1 ms, leaves no thread
-    behind between scrapes and is fork-safe."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[tuple[bytes, str, bool]] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if not future.done():
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
-
-    def work() -> None:
-        try:
-            result, error = _render(*args), None
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            result, error = None, exc
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:  # the loop was closed meanwhile: nobody is waiting
-            pass
-
-    threading.Thread(target=work, name="loopwatch-render", daemon=True).start()
-    return await future
 
 
 def _render(registry: CollectorRegistry | None, accept: str, accept_gzip: bool,
@@ -133,18 +98,24 @@ class _MetricsApp:
             return
         method = scope["method"]
         if method not in ("GET", "HEAD"):
-            await _respond(send, 405, b"Method Not Allowed\n",
-                           [(b"allow", b"GET, HEAD"), (b"content-type", b"text/plain")], False)
+            await respond(send, 405, b"Method Not Allowed\n",
+                          [(b"allow", b"GET, HEAD"), (b"content-type", b"text/plain")])
             return
         headers = _headers(scope)
         accept = headers.get(b"accept", b"").decode("latin-1")
         accept_gzip = "gzip" in headers.get(b"accept-encoding", b"").decode("latin-1")
         flush_all()  # requests finished since the last probe
-        body, content_type, gzipped = await _render_in_thread(registry, accept, accept_gzip)
+        try:
+            body, content_type, gzipped = await in_thread(_render, registry, accept,
+                                                          accept_gzip)
+        except Busy:
+            await respond(send, 503, b"Busy: too many scrapes at once\n",
+                          [(b"retry-after", b"1"), (b"content-type", b"text/plain")])
+            return
         out = [(b"content-type", content_type.encode("latin-1")), (b"vary", b"Accept-Encoding")]
         if gzipped:
             out.append((b"content-encoding", b"gzip"))
-        await _respond(send, 200, body, out, method == "HEAD")
+        await respond(send, 200, body, out, method == "HEAD")
 
 
 def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
@@ -166,7 +137,9 @@ def events_app(limit: int = 100) -> ASGIApp:
     ``{"events": [...], "block_count": N, ...}``, newest last; each event has its time,
     method, route, duration, stack frames (file, line, function) and hint — never query
     strings, headers, cookies, bodies or local variables. ``?limit=N`` (1–1000) returns
-    fewer.
+    fewer. The response is serialised in a thread, event by event, and sent in chunks: it
+    never holds the loop, and its size is bounded by ``limit`` events of at most
+    ``stack_depth`` frames each.
     """
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
         raise ValueError(f"loopwatch: invalid limit={limit!r}; allowed: an integer from 1 to 1000")
@@ -185,12 +158,13 @@ class _EventsApp:
             await _not_http(scope, receive, send)
             return
         json_type = (b"content-type", b"application/json")
-        if scope["method"] not in ("GET", "HEAD"):
-            await _respond(send, 405, b'{"detail":"Method Not Allowed"}',
-                           [(b"allow", b"GET, HEAD"), json_type], False)
+        if scope.get("method") not in ("GET", "HEAD"):
+            await respond(send, 405, b'{"detail":"Method Not Allowed"}',
+                          [(b"allow", b"GET, HEAD"), json_type])
             return
         n = default_limit
-        query = scope.get("query_string", b"").decode("latin-1")
+        raw_query = scope.get("query_string", b"")
+        query = raw_query.decode("latin-1") if isinstance(raw_query, bytes) else ""
         for part in query.split("&"):
             name, _, value = part.partition("=")
             if name == "limit":
@@ -198,22 +172,36 @@ class _EventsApp:
                         or not 1 <= int(value) <= 1000:
                     body = json.dumps({"detail": f"invalid limit={value!r}; allowed: an "
                                                  "integer from 1 to 1000"}).encode()
-                    await _respond(send, 422, body, [json_type], False)
+                    await respond(send, 422, body, [json_type])
                     return
                 n = int(value)
         monitor = get_monitor()
-        hot_path = "python" if speedups is None else "c"
+        hot_path = HOT_PATH
+        events: list[BlockEvent] = []
         if monitor is None:
-            payload: dict[str, Any] = {"monitoring": False, "hot_path": hot_path, "events": []}
+            head: dict[str, Any] = {"monitoring": False, "hot_path": hot_path}
         else:
-            events = list(monitor.blocks)[-n:]
-            payload = {
+            # On the loop only the snapshot: n references, newest last (events are frozen).
+            events = list(itertools.islice(reversed(monitor.blocks), n))[::-1]
+            head = {
                 "monitoring": monitor.active,
                 "hot_path": hot_path,
                 "block_threshold": monitor.config.block_threshold,
                 "block_count": monitor.block_count,
-                "events": [e.as_dict() for e in events],
             }
-        body = json.dumps(payload).encode()
-        await _respond(send, 200, body, [json_type, (b"cache-control", b"no-store")],
-                       scope["method"] == "HEAD")
+        try:
+            body = await in_thread(_events_json, head, events)
+        except Busy:
+            await respond(send, 503, b'{"detail":"Busy: too many requests at once"}',
+                          [(b"retry-after", b"1"), json_type])
+            return
+        await respond(send, 200, body, [json_type, (b"cache-control", b"no-store")],
+                      scope.get("method") == "HEAD")
+
+
+def _events_json(head: dict[str, Any], events: Sequence[BlockEvent]) -> bytes:
+    """``{**head, "events": [...]}`` as JSON, one small ``json.dumps`` per event (each a
+    point where the loop thread can take the GIL back)."""
+    parts = [json.dumps(e.as_dict()) for e in events]
+    top = json.dumps(head)
+    return (top[:-1] + (", " if head else "") + '"events": [' + ", ".join(parts) + "]}").encode()

@@ -8,21 +8,48 @@ framework can do the same with :func:`owner_scope`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
+from typing import TYPE_CHECKING, Protocol
 
-__all__ = ["Owner", "current_owner", "owner_scope"]
+from ._build import ctiming
+
+__all__ = ["AnyOwner", "Owner", "OwnerState", "current_owner", "owner_scope"]
 
 
-class Owner:
+class AnyOwner(Protocol):
+    """What the monitor needs of an owner: an :class:`Owner`, or a request's owner."""
+
+    busy: float
+
+    def labels(self) -> tuple[str | None, str | None]: ...
+
+
+class _PyOwnerState:
+    """What a step charges on its owner: ``busy`` (``_ctiming.OwnerState`` is its C twin,
+    where the hooks add to a C double)."""
+
+    __slots__ = ("busy",)
+    busy: float
+
+
+#: The base of every owner.
+if TYPE_CHECKING:
+    OwnerState = _PyOwnerState
+else:
+    OwnerState = _PyOwnerState if ctiming is None else ctiming.OwnerState
+
+
+class Owner(OwnerState):
     """Accumulates the loop time of the steps that run in its context.
 
     ``busy`` is seconds of loop time held by the owner's own code (its task steps and the
     steps of tasks it spawned). ``method`` and ``route`` label the block events it causes.
     """
 
-    __slots__ = ("__weakref__", "busy", "method", "route")
+    __slots__ = ("__weakref__", "method", "route")
 
     def __init__(self, method: str | None = None, route: str | None = None) -> None:
         self.busy = 0.0
@@ -37,14 +64,32 @@ class Owner:
         return f"<Owner {self.method} {self.route} busy={self.busy:.6f}>"
 
 
-current_owner: ContextVar[Owner | None] = ContextVar("loopwatch_owner", default=None)
+current_owner: ContextVar[AnyOwner | None] = ContextVar("loopwatch_owner", default=None)
 
 
 @contextlib.contextmanager
 def owner_scope(owner: Owner) -> Iterator[Owner]:
-    """Charge the loop time of the code in this block (and the tasks it spawns) to ``owner``."""
+    """Charge the loop time of the code in this block (and the tasks it spawns) to ``owner``.
+
+    The block's last step is charged up to the block's end, and, should that step turn out to
+    be a block of the loop, its event names ``owner`` (the step ends after the scope has).
+    """
     token = current_owner.set(owner)
     try:
         yield owner
     finally:
-        current_owner.reset(token)
+        try:
+            _finish_in_step(owner)
+        finally:
+            current_owner.reset(token)
+
+
+def _finish_in_step(owner: Owner) -> None:
+    loop = asyncio.events._get_running_loop()
+    if loop is None:
+        return
+    from ._monitor import get_monitor  # (the monitor imports this module)
+
+    monitor = get_monitor(loop)
+    if monitor is not None and monitor.active:
+        owner.busy = monitor._note_finished(owner)

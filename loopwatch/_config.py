@@ -7,22 +7,46 @@ import logging
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
+
+from ._stacks import MAX_FRAMES
 
 __all__ = ["Config"]
 
-# name -> (type, default, human description of what is allowed)
-_OPTIONS: dict[str, tuple[type, Any, str]] = {
-    "block_threshold": (float, 0.1, "a number of seconds > 0 and <= 60"),
-    "probe_interval": (float, 0.01, "a number of seconds >= 0.001 and below block_threshold"),
-    "stack_depth": (int, 50, "an integer from 1 to 1000"),
-    "ring_size": (int, 100, "an integer from 1 to 100000"),
-    "log_blocks": (bool, True, "True or False"),
-    "sample_stacks": (bool, True, "True or False"),
+_MIN_PROBE_INTERVAL = 0.001  # a probe more often than this would keep the loop busy itself
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One setting: its type, default, bounds (inclusive; ``low_open``: above ``low``), and
+    what the error message says is allowed."""
+
+    kind: type
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    allowed: str = ""
+
+
+#: Every setting and its limits: the one place they are written down.
+_OPTIONS: dict[str, _Option] = {
+    "block_threshold": _Option(float, 0.1, 0.0, 60.0, low_open=True,
+                               allowed="a number of seconds > 0 and <= 60"),
+    "probe_interval": _Option(float, 0.01, _MIN_PROBE_INTERVAL, None,
+                              allowed=f"a number of seconds >= {_MIN_PROBE_INTERVAL} and below "
+                                      "block_threshold"),
+    "stack_depth": _Option(int, 50, 1, MAX_FRAMES,
+                           allowed=f"an integer from 1 to {MAX_FRAMES} (the most frames "
+                                   "Python's faulthandler, which reads the stack safely, "
+                                   "writes)"),
+    "ring_size": _Option(int, 100, 1, 100_000, allowed="an integer from 1 to 100000"),
+    "log_blocks": _Option(bool, True, allowed="True or False"),
+    "sample_stacks": _Option(bool, True, allowed="True or False"),
 }
 
 _ENV_PREFIX = "LOOPWATCH_"
-_MIN_PROBE_INTERVAL = 0.001  # a probe more often than this would keep the loop busy itself
 logger = logging.getLogger("loopwatch")
 _warned: set[str] = set()
 _TRUE = {"1", "true", "yes", "on"}
@@ -30,7 +54,7 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 def _bad(name: str, value: Any) -> ValueError:
-    allowed = _OPTIONS[name][2]
+    allowed = _OPTIONS[name].allowed
     return ValueError(f"loopwatch: invalid {name}={value!r}; allowed: {allowed}")
 
 
@@ -64,9 +88,9 @@ class Config:
                 f"loopwatch: unknown option {unknown[0]!r}; allowed options: "
                 + ", ".join(sorted(_OPTIONS))
             )
-        for name, (kind, default, _) in _OPTIONS.items():
-            value = options.get(name, default)
-            object.__setattr__(self, name, _coerce(name, kind, value))
+        for name, option in _OPTIONS.items():
+            value = options.get(name, option.default)
+            object.__setattr__(self, name, _coerce(name, option, value))
         if not self.probe_interval < self.block_threshold:
             raise ValueError(
                 f"loopwatch: invalid probe_interval={self.probe_interval!r}; allowed: a number "
@@ -84,16 +108,17 @@ class Config:
         env = os.environ if environ is None else environ
         _warn_misspelled(env)
         options: dict[str, Any] = {}
-        for name, (kind, _, allowed) in _OPTIONS.items():
+        for name, option in _OPTIONS.items():
             var = _ENV_PREFIX + name.upper()
             raw = env.get(var)
             if raw is None or raw.strip() == "":
                 continue
             try:
-                options[name] = _parse(kind, raw.strip())
+                options[name] = _parse(option.kind, raw.strip())
             except ValueError:
                 raise ValueError(
-                    f"loopwatch: invalid environment variable {var}={raw!r}; allowed: {allowed}"
+                    f"loopwatch: invalid environment variable {var}={raw!r}; allowed: "
+                    f"{option.allowed}"
                 ) from None
         from_env = [name for name in options if name not in overrides]
         options.update(overrides)
@@ -158,27 +183,25 @@ def _parse(kind: type, raw: str) -> Any:
     return kind(raw)
 
 
-def _coerce(name: str, kind: type, value: Any) -> Any:
-    if kind is bool:
+def _coerce(name: str, option: _Option, value: Any) -> Any:
+    if option.kind is bool:
         if not isinstance(value, bool):
             raise _bad(name, value)
         return value
     # bool is an int subclass; True is never a sensible threshold.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(name, value)
-    if kind is int:
+    if option.kind is int:
         if isinstance(value, float) and not value.is_integer():
             raise _bad(name, value)
-        value = int(value)
-        low, high = {"stack_depth": (1, 1000), "ring_size": (1, 100_000)}[name]
-        if not low <= value <= high:
+        number: float = int(value)
+    else:
+        number = float(value)
+        if not math.isfinite(number):
             raise _bad(name, value)
-        return value
-    number = float(value)
-    if not math.isfinite(number) or number <= 0:
+    low, high = option.low, option.high
+    if low is not None and (number <= low if option.low_open else number < low):
         raise _bad(name, value)
-    if name == "block_threshold" and number > 60:
-        raise _bad(name, value)
-    if name == "probe_interval" and number < _MIN_PROBE_INTERVAL:
+    if high is not None and number > high:
         raise _bad(name, value)
     return number

@@ -69,6 +69,13 @@ class BlockEvent:
     #: took all but less than the threshold, the block is the collector's: ``route`` is
     #: ``"<gc>"`` and ``method`` None, whatever step it interrupted.
     gc_seconds: float = 0.0
+    #: Seconds of the block in which the OS kept the loop thread waiting for a CPU (Linux;
+    #: 0.0 elsewhere): the host was overloaded. Still the step's block: the loop was held.
+    preempted: float = 0.0
+    #: Seconds of the block in which the whole process stood still (SIGSTOP, a debugger, a
+    #: VM whose CPU was taken away; Linux). When the pause took all but less than the
+    #: threshold, the block is the pause's: ``route`` is ``"<paused>"`` and ``method`` None.
+    paused: float = 0.0
 
     @property
     def location(self) -> str | None:
@@ -89,6 +96,8 @@ class BlockEvent:
             parts.append(f"in task {self.task!r}")
         if self.route == "<gc>":
             parts.append(f"by the garbage collector ({self.gc_seconds * 1000:.1f} ms)")
+        elif self.route == "<paused>":
+            parts.append(f"while the whole process was paused ({self.paused * 1000:.1f} ms)")
         elif self.route:
             parts.append(f"during {self.method} {self.route}")
         frame = self.blocking_frame
@@ -96,6 +105,8 @@ class BlockEvent:
             parts.append(f"at {frame.location} in {frame.function}()")
         else:
             parts.append(f"(no stack: {self.stack_status})")
+        if self.preempted >= 0.001:
+            parts.append(f"(of which {self.preempted * 1000:.1f} ms waiting for a CPU)")
         text = " ".join(parts)
         if self.hint:
             text += f"; hint: {self.hint}"
@@ -114,6 +125,8 @@ class BlockEvent:
             "stack_status": self.stack_status,
             "timed": self.timed,
             "gc_seconds": self.gc_seconds,
+            "preempted": self.preempted,
+            "paused": self.paused,
             "frames": [f.as_dict() for f in self.frames],
         }
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from ._events import Frame
 
-__all__ = ["CPU_HINT", "GIL_HINT", "hint_for"]
+__all__ = ["CPU_HINT", "GIL_HINT", "PAUSE_HINT", "hint_for"]
 
 REQUESTS_HINT = (
     "requests is synchronous and blocks the event loop: use a shared httpx.AsyncClient "
@@ -51,9 +51,14 @@ GIL_HINT = (
     "`await loop.run_in_executor(...)`"
 )
 
+PAUSE_HINT = (
+    "the whole process stood still (SIGSTOP, a debugger, a container or VM whose CPU was "
+    "taken away) in the middle of a short step: not the code's block; look at the host"
+)
+
 # (module prefix, hint): a frame whose module starts with the prefix names the culprit.
-# Ordered: the first rule matching any frame wins, so specific libraries come before the
-# generic socket and file layers they are built on.
+# The library the user's own code called is tried first (see hint_for), and the rules in
+# this order within one frame.
 _MODULE_RULES: tuple[tuple[str, str], ...] = (
     ("requests", REQUESTS_HINT),
     ("urllib3", REQUESTS_HINT),
@@ -88,13 +93,16 @@ def hint_for(frames: Sequence[Frame], lines: Sequence[str], cpu_bound: bool) -> 
     ``lines`` holds the source text of the innermost frames, in the same order (it may be
     shorter); ``cpu_bound`` says whether the loop thread was seen executing different
     bytecode in two samples of the same block.
+
+    The hint names the library the user's code called, not the layer it is built on:
+    ``requests.get`` blocks in ``http.client`` and ``socket``, and the hint is the one for
+    requests. So library frames are tried from the outermost one inside the user's
+    innermost frame inwards.
     """
-    for frame in frames:
-        if frame.module == "httpx._client" and frame.function.startswith("Client."):
-            return HTTPX_SYNC_HINT
-        for prefix, hint in _MODULE_RULES:
-            if frame.module == prefix or frame.module.startswith(prefix + "."):
-                return hint
+    for frame in _called_libraries(frames):
+        hint = _module_hint(frame)
+        if hint is not None:
+            return hint
     for text in lines[:2]:
         if _DB_LINE.search(text) and ("psycopg2" in sys.modules or "psycopg" in sys.modules):
             return PSYCOPG2_HINT
@@ -108,4 +116,22 @@ def hint_for(frames: Sequence[Frame], lines: Sequence[str], cpu_bound: bool) -> 
             return SOCKET_HINT
     if cpu_bound:
         return CPU_HINT
+    return None
+
+
+def _called_libraries(frames: Sequence[Frame]) -> list[Frame]:
+    """The library frames the innermost user frame called into, outermost first (all
+    frames, outermost first, when there is no user frame)."""
+    for i, frame in enumerate(frames):
+        if not frame.is_library:
+            return list(reversed(frames[:i]))
+    return list(reversed(frames))
+
+
+def _module_hint(frame: Frame) -> str | None:
+    if frame.module == "httpx._client" and frame.function.startswith("Client."):
+        return HTTPX_SYNC_HINT
+    for prefix, hint in _MODULE_RULES:
+        if frame.module == prefix or frame.module.startswith(prefix + "."):
+            return hint
     return None

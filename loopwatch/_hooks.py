@@ -1,15 +1,25 @@
 """Timing every step of a loop: a ``Handle._run`` wrapper on asyncio, a task factory on uvloop.
 
 Stock asyncio runs every callback, and so every task step, through the pure-Python
-``asyncio.events.Handle._run``: one class-level wrapper there sees everything for well under
-a microsecond. uvloop's handles are Cython classes that never call it, so on uvloop the
-monitor installs a task factory that wraps each task's coroutine and times each ``send`` /
-``throw`` — every task step, which is where all ASGI application code runs.
+``asyncio.events.Handle._run``: one class-level wrapper there sees everything. uvloop's handles
+are Cython classes that never call it, so on uvloop the monitor installs a task factory that
+wraps each task's coroutine and times each ``send`` / ``throw`` -- every task step, which is
+where all ASGI application code runs.
 
-Both paths do the same thing around a step: note its start where the watchdog can see it,
-run it, add its duration to the loop's busy time and to the owner found in the step's
-context, and hand anything longer than the threshold to the monitor as a block. Where the C
-extension was built (``_accel``), its twins of ``_timed_run`` and ``TimedCoroutine`` do it.
+Both do the same thing around a step: note its start where the watchdog can see it, run it,
+add its duration to the loop's busy time and to the owner found in the step's context, and
+hand anything that held the loop for the threshold or more to the monitor
+(:meth:`Monitor._on_block`). A failure of that accounting is counted as loopwatch's internal
+error; it never reaches the step.
+
+This module is the one definition of that behaviour. Where the C extension was built
+(:mod:`._accel`), ``_ctiming`` does exactly the same for a fraction of the instructions:
+``handle_run`` for :func:`_timed_run`, ``TimedCoroutine``, ``TaskFactory`` for the factory's
+common case, ``StepState`` for the monitor's per-step fields; the suite runs on both.
+
+A block's way from the blocking line to the metric: these hooks time the step, the monitor
+(:mod:`._monitor`) builds its event with the watchdog's stack (:mod:`._watchdog`), and the
+metrics (:mod:`._metrics`) count it.
 """
 
 from __future__ import annotations
@@ -19,33 +29,46 @@ import collections.abc
 import threading
 import time
 import types
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
-from ._accel import speedups
+from ._accel import ctiming
 from ._attribution import current_owner
 
 if TYPE_CHECKING:
     from ._monitor import Monitor
 
-__all__ = ["TimedCoroutine", "install_handle_hook", "make_task_factory", "uninstall_handle_hook"]
+__all__ = [
+    "TimedCoroutine", "handle_hook_installed", "install_handle_hook", "make_task_factory",
+    "timed_await", "uninstall_handle_hook",
+]
 
 _clock = time.perf_counter
 _Handle = asyncio.events.Handle
 _original_run = _Handle._run
 
-# loop -> monitor, for every loop whose steps are timed through Handle._run. The hook finds
-# a loop's monitor in the loop's own attribute (an attribute load is cheaper than a lookup).
-_handle_monitors: dict[asyncio.AbstractEventLoop, Monitor] = {}
+# Each watched loop carries its monitor in an attribute (an attribute load is cheaper than a
+# lookup); the hook on Handle._run stays installed while any monitor uses it.
 _ATTR = "_loopwatch_monitor"
+_handle_users = 0
 _owner_var = current_owner
 
 
-def _timed_run(
-    self: asyncio.Handle,
-    _run: Any = _original_run,
-    _clock: Any = _clock,
-    _var: Any = _owner_var,
-) -> None:
+def _account(mon: Any, t0: float, dt: float, owner: Any, callback: Any) -> None:
+    """After a step of ``dt`` seconds that started at ``t0``."""
+    try:
+        mon.step_start = 0.0
+        mon.busy += dt  # (a stopped monitor's busy time is no longer read)
+        if owner is not None:
+            owner.busy += dt
+        if dt >= mon.threshold:
+            mon._on_block(t0, dt, owner, callback)
+    except Exception:  # noqa: BLE001 - never break the step we time
+        mon._internal_error("step accounting")
+
+
+def _timed_run(self: asyncio.Handle, _run: Any = _original_run, _clock: Any = _clock) -> None:
+    """``Handle._run``, timed: the original runs the callback (and reports its exception)."""
     # Defaults bind globals as fast locals: this runs for every callback of the loop.
     try:
         mon = self._loop._loopwatch_monitor  # type: ignore[attr-defined]
@@ -60,41 +83,108 @@ def _timed_run(
         _run(self)
     finally:
         dt = _clock() - t0
-        mon.step_start = 0.0
-        mon.busy += dt
-        owner = self._context.get(_var)  # type: ignore[attr-defined]
-        if owner is not None:
-            owner.busy += dt
-        if dt >= mon.threshold:
-            mon.on_block(t0, dt, owner, self._callback)  # type: ignore[attr-defined]
+        owner = self._context.get(_owner_var)  # type: ignore[attr-defined]
+        _account(mon, t0, dt, owner, self._callback)  # type: ignore[attr-defined]
 
 
 _py_timed_run = _timed_run
-if speedups is not None:
-    # A method descriptor of Handle that runs the handle's callback in its context itself
-    # and hands an exception from it to the original Handle._run, which reports it.
-    _timed_run = speedups.handle_run(_Handle, asyncio.events.TimerHandle)  # noqa: F811
+
+
+def verify_inline(hook: Any) -> bool:
+    """Whether the C hook, running callbacks itself, answers exactly as ``Handle._run``
+    does on this Python: a callback runs in its handle's context with its arguments, and an
+    exception is reported to the loop's exception handler with the same message, context
+    and traceback. Checked once, by running both on probe handles; where anything differs
+    the C hook goes on calling the original for every callback."""
+    import contextvars
+    import traceback
+
+    marker: contextvars.ContextVar[str] = contextvars.ContextVar("loopwatch_probe")
+    monitor = ctiming.StepState() if ctiming is not None else None
+    if monitor is None:
+        return False
+    monitor.threshold = 1e9
+
+    def outcome(run: Any) -> list[Any]:
+        loop = asyncio.new_event_loop()
+        seen: list[Any] = []
+        try:
+            loop._loopwatch_monitor = monitor  # type: ignore[attr-defined]
+            loop.set_exception_handler(lambda _loop, context: seen.append(
+                (context["message"].replace(hex(id(context["handle"])), "HANDLE"),
+                 sorted(context), type(context["exception"]).__name__,
+                 str(context["exception"]),
+                 [f.name for f in traceback.extract_tb(context["exception"].__traceback__)],
+                 context["handle"]._context.get(marker))))
+            ctx = contextvars.copy_context()
+            ctx.run(marker.set, "in the handle's context")
+
+            def ok(*args: Any) -> None:
+                seen.append((args, marker.get(None)))
+
+            def fails(x: int) -> None:
+                raise ZeroDivisionError(f"bad {x}")
+
+            def leaves() -> None:
+                raise SystemExit(3)
+
+            run(asyncio.Handle(ok, (1, "two"), loop, context=ctx))
+            run(asyncio.Handle(fails, (5,), loop, context=ctx))
+            try:
+                run(asyncio.Handle(leaves, (), loop, context=ctx))
+            except SystemExit as exc:
+                seen.append(("SystemExit", exc.code))
+        finally:
+            loop.close()
+        return seen
+
+    try:
+        expected = outcome(_original_run)
+        hook._set_inline(True)
+        inline = outcome(hook)
+    except Exception:  # noqa: BLE001 - anything odd: not inline
+        inline = None
+    same = inline == expected
+    hook._set_inline(same)
+    return same
+
+
+if ctiming is not None:
+    _timed_run = ctiming.handle_run(  # noqa: F811
+        _original_run, (_Handle, asyncio.events.TimerHandle))
+    #: Whether the C hook runs callbacks itself (see verify_inline).
+    INLINE = verify_inline(_timed_run)
 
 # Loops in several threads (and the watchdog of a closed loop) install and uninstall.
 _hook_lock = threading.Lock()
 
 
 def install_handle_hook(loop: asyncio.AbstractEventLoop, monitor: Monitor) -> None:
+    global _handle_users
     with _hook_lock:
         if not hasattr(asyncio.BaseEventLoop, _ATTR):
             setattr(asyncio.BaseEventLoop, _ATTR, None)  # every other loop: not watched
         setattr(loop, _ATTR, monitor)
-        _handle_monitors[loop] = monitor
+        _handle_users += 1
         if _Handle._run is not _timed_run:
             _Handle._run = _timed_run  # type: ignore[method-assign]
 
 
-def uninstall_handle_hook(loop: asyncio.AbstractEventLoop) -> None:
+def uninstall_handle_hook(loop: asyncio.AbstractEventLoop | None) -> None:
+    """Undo one install_handle_hook (``loop`` is None when it is gone already). With the last
+    one, ``Handle._run`` is asyncio's own again."""
+    global _handle_users
     with _hook_lock:
-        if _handle_monitors.pop(loop, None) is not None and _ATTR in vars(loop):
+        if loop is not None and _ATTR in vars(loop):
             delattr(loop, _ATTR)
-        if not _handle_monitors and _Handle._run is _timed_run:
+        _handle_users = max(0, _handle_users - 1)
+        if not _handle_users and _Handle._run is _timed_run:
             _Handle._run = _original_run  # type: ignore[method-assign]
+
+
+def handle_hook_installed() -> bool:
+    """Whether Handle._run is loopwatch's (some monitor uses it)."""
+    return _Handle._run is _timed_run
 
 
 def handle_hook_works() -> bool:
@@ -107,6 +197,7 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
 
     Everything a caller can observe is delegated to the wrapped coroutine: results,
     exceptions, cancellation, ``cr_frame`` (so ``Task.get_stack()`` works) and its name.
+    Calling it returns the coroutine: it stands in for its task's ``get_coro``.
     """
 
     __slots__ = ("__weakref__", "_coro", "_monitor")
@@ -122,14 +213,7 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
         try:
             return self._coro.send(value)
         finally:
-            dt = _clock() - t0
-            mon.step_start = 0.0
-            mon.busy += dt  # (a stopped monitor's busy time is no longer read)
-            owner = _var.get()
-            if owner is not None:
-                owner.busy += dt
-            if dt >= mon.threshold:
-                mon.on_block(t0, dt, owner, asyncio.current_task())
+            _account(mon, t0, _clock() - t0, _var.get(), None)
 
     def throw(self, *args: Any) -> Any:
         mon = self._monitor
@@ -138,17 +222,13 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
         try:
             return self._coro.throw(*args)
         finally:
-            dt = _clock() - t0
-            mon.step_start = 0.0
-            mon.busy += dt
-            owner = _owner_var.get()
-            if owner is not None:
-                owner.busy += dt
-            if dt >= mon.threshold:
-                mon.on_block(t0, dt, owner, asyncio.current_task())
+            _account(mon, t0, _clock() - t0, _owner_var.get(), None)
 
     def wrapped(self) -> Any:
         """The task's own coroutine."""
+        return self._coro
+
+    def __call__(self) -> Any:
         return self._coro
 
     def close(self) -> None:
@@ -177,15 +257,33 @@ _new = object.__new__
 #: The wrapper types (pure Python, and the C twin where it was built), and the one in use.
 TIMED_TYPES: tuple[type, ...] = (TimedCoroutine,)
 _timed: Any = _py_timed
-if speedups is not None:
-    collections.abc.Coroutine.register(speedups.TimedCoroutine)
-    TIMED_TYPES = (speedups.TimedCoroutine, TimedCoroutine)
-    _timed = speedups.timed
+if ctiming is not None:
+    collections.abc.Coroutine.register(ctiming.TimedCoroutine)
+    TIMED_TYPES = (ctiming.TimedCoroutine, TimedCoroutine)
+    _timed = ctiming.timed
+
+
+@types.coroutine
+def timed_await(coro: Any, monitor: Monitor) -> Generator[Any, Any, Any]:
+    """``await timed_await(coro, monitor)`` awaits ``coro`` timing each of its steps, as a
+    task made by the factory would: for code in a task older than the monitor (uvloop)."""
+    timed = _timed(coro, monitor)
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            yielded = timed.send(value) if error is None else timed.throw(error)
+        except StopIteration as stop:
+            return stop.value
+        try:
+            value, error = (yield yielded), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the coroutine, as a task does
+            value, error = None, exc
 
 
 class Task(asyncio.Task):  # type: ignore[type-arg]
     """A Task whose ``get_coro()`` returns the task's own coroutine, not the timing wrapper
-    (used only where a Task takes no ``get_coro`` instance attribute: see the factory)."""
+    (for a Task type that takes no ``get_coro`` instance attribute: see the factory)."""
 
     def get_coro(self) -> Any:
         coro: Any = super().get_coro()
@@ -195,33 +293,21 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
 _CoroutineType = types.CoroutineType
 _AsyncioTask = asyncio.Task
 
-
 #: Whether a Task takes ``get_coro`` as an instance attribute (see the factory).
 _shadowing = [True]
 
 
-def _unwrap_get_coro() -> bool:
-    """Whether ``asyncio.Task.get_coro()`` itself returns a timed task's own coroutine.
-
-    With the C extension, the Task type's ``get_coro`` is replaced once per process by one
-    that unwraps the C TimedCoroutine and answers exactly as before for every other task
-    (``unwrap_get_coro`` in _speedups.c). Then no task needs a ``get_coro`` of its own,
-    which cost each task an instance dict, and the interpreter its fast method loads on it.
-    """
-    if speedups is None or _timed is not speedups.timed:
-        return False
-    try:
-        return bool(speedups.unwrap_get_coro(_AsyncioTask))
-    except Exception:  # noqa: BLE001 - then each task shadows get_coro, as it always could
-        return False
-
-
 def make_task_factory(monitor: Monitor, previous: Any) -> Any:
-    """A task factory that times each task's steps, then defers to ``previous`` (if any)."""
+    """A task factory that times each task's steps, then defers to ``previous`` (if any).
+
+    Each task it makes runs a TimedCoroutine, and its ``get_coro()`` still returns the task's
+    own coroutine: the TimedCoroutine, which returns it when called, shadows ``get_coro`` on
+    the task. (Where a Task takes no instance attribute, a subclass of Task is used instead,
+    which leaves the C Task's fast paths.) No type of asyncio's is changed.
+    """
     shadowing = _shadowing
     timed_types = TIMED_TYPES
     make_timed = _timed
-    unwraps = _unwrap_get_coro()
 
     def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
         # Only real coroutines: anything else must reach Task() and fail there, as without us.
@@ -229,17 +315,11 @@ def make_task_factory(monitor: Monitor, previous: Any) -> Any:
                 asyncio.iscoroutine(coro) and type(coro) not in timed_types)):
             timed = make_timed(coro, monitor)
             if previous is None and shadowing[0]:
-                # A plain Task: a subclass of the C Task leaves its fast paths (~4,000
-                # instructions more per task). Where the type's get_coro() does not unwrap,
-                # it is shadowed on the instance to return the task's own coroutine. Should
-                # a Task take no instance attribute, the subclass it is from then on (this
-                # one task shows the wrapper).
                 task = _AsyncioTask(timed, loop=loop, **kwargs)
-                if not unwraps:
-                    try:
-                        task.get_coro = timed.wrapped  # type: ignore[method-assign]
-                    except AttributeError:
-                        shadowing[0] = False
+                try:
+                    task.get_coro = timed  # type: ignore[method-assign]
+                except AttributeError:
+                    shadowing[0] = False  # this one task shows the wrapper
                 return task
             coro = timed
         if previous is not None:
@@ -248,8 +328,8 @@ def make_task_factory(monitor: Monitor, previous: Any) -> Any:
             return Task(coro, loop=loop, **kwargs)
         return _AsyncioTask(coro, loop=loop, **kwargs)
 
-    if speedups is not None and previous is None and make_timed is speedups.timed:
+    if ctiming is not None and previous is None and make_timed is ctiming.timed:
         # The C factory does the common case (a plain coroutine, a monitor running) itself
         # and hands everything else to this one.
-        return speedups.TaskFactory(monitor, factory, _AsyncioTask)
+        return ctiming.TaskFactory(monitor, factory, _AsyncioTask)
     return factory

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import threading
 import weakref
-from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from ._accel import speedups
 from ._events import BlockEvent
+from ._accel import request as _request
 
 __all__ = ["LoopWatchMetrics", "flush_all", "metrics_for"]
 
@@ -172,6 +171,17 @@ class LoopWatchMetrics:
             self._series = [*self._series, series]
         return series
 
+    def retire(self, series: list[RequestSeries]) -> None:
+        """Fold what ``series`` recorded since the last flush, and forget them (their
+        middleware stopped, or is gone): the series a process flushes are those in use."""
+        with self._flush_lock:
+            gone = {id(s) for s in series}
+            for one in self._series:
+                if id(one) in gone and one.count != one.flushed:
+                    one.flushed = one.count
+                    one.fold(self._count_child)
+            self._series = [s for s in self._series if id(s) not in gone]
+
     @property
     def pending(self) -> int:
         """Requests recorded but not yet folded into the Prometheus metrics."""
@@ -219,9 +229,8 @@ class RequestSeries:
     """Running totals of the requests of one (method, route), written by one loop thread.
 
     ``add(status, duration, blocking)`` costs a few list and float operations per request
-    (instead of ~5 µs of ``observe()``/``inc()``), or a few C additions where the extension
-    was built; :meth:`fold` hands the growth since the last fold to the Prometheus children,
-    one lock operation per touched bucket.
+    (instead of ~5 µs of ``observe()``/``inc()``); :meth:`fold` hands the growth since the
+    last fold to the Prometheus children, one lock operation per touched bucket.
     """
 
     __slots__ = ("_blocking_child", "_duration_child", "_folded", "add", "flushed", "method",
@@ -234,7 +243,7 @@ class RequestSeries:
         self._blocking_child = blocking_child
         duration_bounds = _bounds(duration_child, HTTP_BUCKETS)
         blocking_bounds = _bounds(blocking_child, BLOCKING_BUCKETS)
-        self.totals = _new_totals(duration_bounds, blocking_bounds)
+        self.totals = _request.Totals(duration_bounds, blocking_bounds)
         #: add(status, duration, blocking): record one finished request (loop thread only).
         self.add: Any = self.totals.add
         self.flushed = 0
@@ -267,49 +276,6 @@ class RequestSeries:
                 done_statuses[status] = n
 
 
-class Totals:
-    """The running totals behind a :class:`RequestSeries` (``loopwatch._speedups.Totals`` is
-    its C twin): bucket counts and sums of durations and blocking times, counts by status."""
-
-    __slots__ = ("_blocking_bounds", "_duration_bounds", "blocking_counts", "blocking_sum",
-                 "count", "duration_counts", "duration_sum", "statuses")
-
-    def __init__(self, duration_bounds: tuple[float, ...], blocking_bounds: tuple[float, ...]):
-        self._duration_bounds = tuple(duration_bounds)
-        self._blocking_bounds = tuple(blocking_bounds)
-        self.duration_counts = [0] * (len(self._duration_bounds) + 1)
-        self.blocking_counts = [0] * (len(self._blocking_bounds) + 1)
-        self.duration_sum = 0.0
-        self.blocking_sum = 0.0
-        self.statuses: dict[int, int] = {}
-        self.count = 0
-
-    def add(self, status: int, duration: float, blocking: float,
-            _bisect: Any = bisect_left) -> None:
-        """Record one finished request. Loop thread only (most land in the first buckets)."""
-        bounds = self._duration_bounds
-        self.duration_counts[0 if duration <= bounds[0] else _bisect(bounds, duration)] += 1
-        self.duration_sum += duration
-        bounds = self._blocking_bounds
-        self.blocking_counts[0 if blocking <= bounds[0] else _bisect(bounds, blocking)] += 1
-        self.blocking_sum += blocking
-        statuses = self.statuses
-        try:
-            statuses[status] += 1
-        except KeyError:
-            statuses[status] = 1
-        self.count += 1
-
-    def snapshot(self) -> tuple[list[int], list[int], float, float, dict[int, int], int]:
-        """(duration counts, blocking counts, duration sum, blocking sum, statuses, count).
-
-        Read from another thread while the loop adds: each part is consistent in itself, and
-        what one fold misses of another part the next fold hands over."""
-        return (list(self.duration_counts), list(self.blocking_counts), self.duration_sum,
-                self.blocking_sum, self.statuses.copy(), self.count)
-
-
-_new_totals: Any = Totals if speedups is None else speedups.Totals
 
 
 def _bounds(child: Any, default: tuple[float, ...]) -> tuple[float, ...]:

@@ -1,149 +1,41 @@
-"""The pure ASGI middleware: per-request blocking time, HTTP metrics, monitor lifecycle."""
+"""The pure ASGI middleware: per-request blocking time, HTTP metrics, monitor lifecycle.
+
+A block's way to the metrics, from here: each request runs under a
+:class:`~loopwatch._request.RequestOwner` in its context; the step hooks (:mod:`._hooks`) charge
+every step to it; the monitor (:mod:`._monitor`) names it in a block's event; when the request
+ends, its totals go to :mod:`._metrics`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import TYPE_CHECKING, Any
+import weakref
+from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from ._accel import speedups
-from ._attribution import Owner, current_owner
 from ._config import Config
 from ._metrics import LoopWatchMetrics, RequestSeries, metrics_for
-from ._monitor import Monitor, get_monitor
-from ._routes import method_label, route_label
+from ._monitor import Monitor
+from ._otel import OtelMetrics
+from ._accel import request
+from ._request import RequestOwner
+from ._routes import RouteIndex, method_label
+from ._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["LoopWatchMiddleware"]
 
 logger = logging.getLogger("loopwatch")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-_clock = time.perf_counter
 _running_loop = asyncio.get_running_loop
 _loop_or_none = asyncio.events._get_running_loop
-_set_owner = current_owner.set
-_reset_owner = current_owner.reset
-
-
-# Monitors that middlewares started or joined: monitor -> (whether a middleware started it,
-# the middlewares using it). Apps served on one loop share its monitor; it stops with the last.
-_shared: dict[Monitor, tuple[bool, list[Any]]] = {}
-
-
-class _RequestOwner(Owner):
-    """The loop time of one request; its route is read from the scope once routed.
-
-    Its ``send_wrapper`` is the request's ``send`` (a plain method returning the server's
-    awaitable: no coroutine of our own per message), which notes the status and the end of
-    the body. ``loopwatch._speedups.RequestOwner`` is its C twin, which is itself the send.
-    """
-
-    __slots__ = ("ended", "root_path", "scope", "send", "status")
-    scope: Scope
-    root_path: str
-    send: Send
-    status: int
-    ended: float
-
-    def labels(self) -> tuple[str | None, str | None]:
-        if self.route is not None:  # labelled when it finished
-            return self.method, self.route
-        return method_label(self.scope["method"]), route_label(self.scope, self.root_path)
-
-    def send_wrapper(self, message: Message) -> Awaitable[None]:
-        send = self.send
-        if send is None:
-            raise RuntimeError("ASGI send called after the application returned (loopwatch "
-                               "has released the request)")
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-        elif not message.get("more_body", False):
-            self.ended = _clock()
-        return send(message)
-
-    def release(self, method: str, route: str) -> None:
-        """Keep the labels, let go of the request: contexts copied during the request (a
-        keep-alive timer the server starts as the body goes out) keep the owner alive for
-        seconds, and with it, had it kept them, the scope and the server's send."""
-        self.method = method
-        self.route = route
-        self.scope = None  # type: ignore[assignment]
-        self.send = None  # type: ignore[assignment]
-        self.root_path = None  # type: ignore[assignment]
-
-
-def _py_new_owner(scope: Scope, root_path: str, send: Send) -> _RequestOwner:
-    # _RequestOwner(...) without a Python __init__: this runs for every request.
-    owner = object.__new__(_RequestOwner)
-    owner.busy = 0.0
-    owner.scope = scope
-    owner.root_path = root_path
-    owner.send = send
-    owner.status = 0
-    owner.ended = 0.0
-    owner.method = None
-    owner.route = None
-    return owner
-
-
-_new_owner: Callable[[Scope, str, Send], Any] = (
-    _py_new_owner if speedups is None else speedups.new_owner
-)
-#: Whether the owner itself is the request's send (C), or its send_wrapper (pure Python).
-_OWNER_IS_SEND = speedups is not None
-
-
-def _py_finish(
-    owner: _RequestOwner, monitor: Monitor | None, start: float,
-    cache: dict[tuple[str, int], tuple[Any, Any, str, str]], scope: Scope, root_path: str,
-) -> tuple[int, float, float] | None:
-    """A request's last moment, in its last step: its loop time, recorded in the running
-    totals ``cache`` holds for its (method, id(route)). None when recorded, else (status,
-    duration, blocking) for the caller to record. ``_speedups.finish`` is its C twin."""
-    now = _clock()
-    # Charge the step still running too (a handler that blocks and returns without another
-    # await would otherwise be charged nothing; nor would background tasks run after the
-    # body was sent, in the same step).
-    blocking = monitor.note_finished(owner, now) if monitor is not None else owner.busy
-    status = owner.status or 500
-    duration = (owner.ended or now) - start
-    route = scope.get("route")
-    if scope.get("root_path", "") == root_path:
-        entry = cache.get((scope["method"], id(route)))
-        if entry is not None and entry[0] is route:
-            entry[1].add(status, duration, blocking)
-            owner.release(entry[2], entry[3])
-            return None
-    return status, duration, blocking
-
-
-_finish: Callable[..., tuple[int, float, float] | None] = (
-    _py_finish if speedups is None else speedups.finish
-)
-_release: Callable[[Any, str, str], None] = (
-    _RequestOwner.release if speedups is None else speedups.release
-)
-#: Entries of a middleware's (raw method, id(route)) -> (route, series) cache, at most.
+#: Entries of a middleware's (raw method, id(endpoint)) -> (endpoint, series) cache, at most.
 _FAST_LIMIT = 10_000
 
-if TYPE_CHECKING or speedups is None:
-    _Base = object
-else:
-    #: With the C extension, ``_serve`` is a slot that ``__call__`` (an AsgiEntry) reads
-    #: directly, not an instance attribute looked up for every request.
-    _Base = speedups.ServeSlot
 
-
-class LoopWatchMiddleware(_Base):
+class LoopWatchMiddleware(request.RequestPath):  # type: ignore[misc]
     """Measures every HTTP request's event-loop blocking time and exports loop health.
 
     ``app.add_middleware(loopwatch.LoopWatchMiddleware)`` is all it takes. The loop monitor
@@ -151,9 +43,11 @@ class LoopWatchMiddleware(_Base):
     lifespan) and stops on shutdown; an already running monitor on the loop is shared.
 
     Options: ``registry`` (a prometheus ``CollectorRegistry``, default the global one),
-    ``exclude_paths`` (paths that are neither measured nor counted; default ``/metrics``),
-    and any :class:`~loopwatch.Config` option such as ``block_threshold``. Unset options
-    are read from ``LOOPWATCH_*`` environment variables, and all are validated here.
+    ``meter_provider`` (an OpenTelemetry ``MeterProvider``: the same measurements sent
+    through it too; ``pip install "loopwatch[otel]"``), ``exclude_paths`` (paths that are
+    neither measured nor counted; default ``/metrics``), and any :class:`~loopwatch.Config`
+    option such as ``block_threshold``. Unset options are read from ``LOOPWATCH_*``
+    environment variables, and all are validated here.
     """
 
     def __init__(
@@ -161,6 +55,7 @@ class LoopWatchMiddleware(_Base):
         app: ASGIApp,
         *,
         registry: CollectorRegistry | None = None,
+        meter_provider: Any = None,
         exclude_paths: Iterable[str] = ("/metrics",),
         config: Config | None = None,
         **options: Any,
@@ -168,17 +63,22 @@ class LoopWatchMiddleware(_Base):
         self.app = app
         if config is not None and options:
             raise ValueError("loopwatch: pass either config= or options, not both")
-        #: A bad option or LOOPWATCH_* variable, reported when the app starts (see _call).
-        self._config_error: ValueError | None = None
+        #: A bad option, meter provider or LOOPWATCH_* variable, reported when the app
+        #: starts (_refuse).
+        self._config_error: Exception | None = None
+        #: The OpenTelemetry instruments, when a meter provider was given.
+        self.otel: OtelMetrics | None = None
         try:
             self.config = config if config is not None else Config.from_env(**options)
-        except ValueError as exc:
+            if meter_provider is not None:
+                self.otel = OtelMetrics(meter_provider)
+        except (ValueError, TypeError, ImportError) as exc:
             if _loop_or_none() is None:
                 raise  # created at import time: fail right here
             # Starlette builds its middleware lazily, inside the first ASGI call (lifespan
             # startup), where uvicorn's default lifespan="auto" takes an exception for
             # "lifespan unsupported" and goes on serving a 500 for every request: fail the
-            # startup instead (_call).
+            # startup instead (_refuse).
             self._config_error = exc
             self.config = Config()
         if isinstance(exclude_paths, str):
@@ -197,101 +97,77 @@ class LoopWatchMiddleware(_Base):
         self._excluded_prefixes = tuple(p.rstrip("/") + "/" for p in self.exclude_paths)
         self.metrics: LoopWatchMetrics = metrics_for(registry)
         self.monitor: Monitor | None = None
-        #: Request totals by label, and a cache by (raw method, id(route)) in front of it
-        #: (of the route object, the series' running totals and its two labels).
+        #: The route templates of the app, by endpoint (the source of every route label).
+        self._routes = RouteIndex(app)
+        #: Request totals by label, and a cache by (raw method, id(endpoint)) in front of it
+        #: (of the endpoint, the series' running totals and its two labels), for endpoints
+        #: whose label the endpoint alone decides.
         self._by_label: dict[tuple[str, str], RequestSeries] = {}
         self._fast: dict[tuple[str, int], tuple[Any, Any, str, str]] = {}
-        #: Request owners in flight (with the C extension an InFlight: the C owners linked
-        #: through their own fields, no hashing per request).
-        self._in_flight: Any = set() if speedups is None else speedups.InFlight()
+        #: The series this middleware made: folded one last time and forgotten by the
+        #: metrics when it stops, or when it is garbage (an app that never stopped).
+        self._owned: list[RequestSeries] = []
+        weakref.finalize(self, self.metrics.retire, self._owned).atexit = False
+        if self.otel is not None:
+            weakref.finalize(self, self.otel.detach, self._owned).atexit = False
+        #: Request owners in flight (for the in-progress gauge).
+        self._in_flight: set[RequestOwner] = set()
+        #: The loop the monitor watches, weakly (a closed loop is let go).
+        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
         self._limiter: Any = None
         self._errors_logged = False
-        #: The C request path while the monitor runs (None: every call goes to _call).
-        self._serve: Any = None
 
     # -- ASGI -----------------------------------------------------------------------------
 
-    async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The ASGI app (see ``__call__`` below for the C request path in front of it)."""
+    # The ASGI app: RequestPath's, the per-request path (see _request), compiled where it was
+    # built; to inspection (uvicorn, Starlette) an async def.
+    __call__ = request.RequestPath._serve
+
+    async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Lifespan (which starts and stops the monitor), WebSocket, anything else: passed
+        through, unmeasured."""
         kind = scope["type"]
+        self._routes.enter(scope)  # the app's routes, found on its first call
         if self._config_error is not None:
             await self._refuse(kind, receive, send)
             return
-        if kind != "http":
-            if kind == "lifespan":
-                try:
-                    await self.app(scope, self._lifespan_receive(receive),
-                                   self._lifespan_send(send))
-                finally:
-                    self._stop()  # also when the app's own startup failed
-                return
-            monitor = self.monitor
-            if monitor is None or not monitor.active or monitor.loop is not _running_loop():
-                self._start()
-            await self.app(scope, receive, send)
+        if kind == "lifespan":
+            try:
+                await self.app(scope, self._lifespan_receive(receive), self._lifespan_send(send))
+            finally:
+                self._stop()  # also when the app's own startup failed
             return
-        monitor = self.monitor
-        if monitor is None or not monitor.active or monitor.loop is not _running_loop():
-            # First request without lifespan, or the app now runs on another loop (a new
-            # server of the same app object, as test suites do).
+        loop, monitor = self._loop, self.monitor
+        if loop is None or loop() is not _running_loop() or not monitor.active:  # type: ignore[union-attr]
             self._start()
-        path = scope["path"]
-        if path in self.exclude_paths or path.startswith(self._excluded_prefixes):
-            await self.app(scope, receive, send)
-            return
+        await self.app(scope, receive, send)
 
-        root_path = scope.get("root_path", "")
-        owner = _new_owner(scope, root_path, send)
-        token = _set_owner(owner)
-        in_flight = self._in_flight
-        in_flight.add(owner)
-        start = _clock()
-        try:
-            await self.app(scope, receive, owner if _OWNER_IS_SEND else owner.send_wrapper)
-        except BaseException:
-            if not owner.status:
-                owner.status = 500
-            raise
-        finally:
-            in_flight.discard(owner)
-            try:
-                missed = _finish(owner, self.monitor, start, self._fast, scope, root_path)
-                if missed is not None:  # the first request of its (method, route)
-                    self._record_first(owner, scope, root_path, missed)
-            except Exception:  # noqa: BLE001 - never break the app we watch
-                self._internal_error("recording a request")
-            try:
-                _reset_owner(token)
-            except ValueError:  # the coroutine was closed from another context
-                self._internal_error("recording a request")
-
-    # The ASGI app. Pure Python: the coroutine above. With the C extension, an entry that
-    # hands each request to the C request path (``self._serve``, a ``RequestPath``) while the
-    # monitor runs: a measured HTTP request is then one C object that does what _call does,
-    # without a coroutine and a Python frame of its own; anything else goes to _call. To
-    # inspect (so to uvicorn, Starlette, hypercorn, asgiref) it is _call, an async def.
-    __call__ = _call if speedups is None else speedups.AsgiEntry(_call)
-
-    def _record_first(self, owner: Any, scope: Scope, root_path: str,
+    def _record_first(self, owner: RequestOwner, scope: Scope,
                       missed: tuple[int, float, float]) -> None:
-        """Record the first request of a (method, route), which the cache did not know."""
-        series = self._series_for(scope, root_path)
+        """Record a request the cache did not know (the first of its method and endpoint, or
+        one whose label its endpoint alone does not decide)."""
+        series = self._series_for(scope)
         series.add(*missed)
-        _release(owner, series.method, series.route)
+        if series.totals.raw is not None:
+            request.keep_raw(series.totals, *missed, scope.get("scheme"))
+        owner.release(series.method, series.route)
 
-    def _series_for(self, scope: Scope, root_path: str) -> RequestSeries:
+    def _series_for(self, scope: Scope) -> RequestSeries:
         """The running totals for a request's labels (and a cache entry for next time)."""
-        method = method_label(scope["method"])
-        route = route_label(scope, root_path)
+        raw = scope.get("method")
+        method = method_label(raw)
+        route, decided = self._routes.label(scope)
         series = self._by_label.get((method, route))
         if series is None:
             series = self._by_label[(method, route)] = self.metrics.new_series(method, route)
-        raw = scope["method"]
-        # Cached only for standard methods: a client inventing methods cannot grow the cache.
-        if (raw == method and scope.get("root_path", "") == root_path
-                and len(self._fast) < _FAST_LIMIT):
-            matched = scope.get("route")
-            self._fast[(raw, id(matched))] = (matched, series.totals, method, route)
+            self._owned.append(series)
+            if self.otel is not None:
+                self.otel.attach(series)
+        # Cached only for standard methods (a client inventing methods cannot grow the cache)
+        # and endpoints whose label is theirs alone.
+        endpoint = scope.get("endpoint")
+        if decided and raw == method and endpoint is not None and len(self._fast) < _FAST_LIMIT:
+            self._fast[(raw, id(endpoint))] = (endpoint, series.totals, method, route)
         return series
 
     # -- lifespan -------------------------------------------------------------------------
@@ -326,25 +202,23 @@ class LoopWatchMiddleware(_Base):
 
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.monitor is not None:
-            if self.monitor.active and self.monitor.loop is loop:
+        monitor = self.monitor
+        if monitor is not None:
+            if monitor.active and monitor.loop is loop:
+                self._loop = weakref.ref(loop)
                 return
             self._stop()  # left behind by a server that ran without lifespan
         try:
-            monitor = get_monitor(loop)
-            if monitor is None:
-                monitor = Monitor(loop, config=self.config).start()
-                _shared[monitor] = (True, [])
-            _shared.setdefault(monitor, (False, []))[1].append(self)
+            # Apps served on one loop share its monitor; one a middleware started stops with
+            # the last middleware that uses it.
+            monitor = Monitor._shared(loop, self.config, self)
             monitor.add_sink(self.metrics)
+            if self.otel is not None:
+                monitor.add_sink(self.otel)
             monitor.add_sink(self)
             self.monitor = monitor
+            self._loop = weakref.ref(loop)
             self._limiter = _default_thread_limiter()
-            if speedups is not None and isinstance(monitor, speedups.StepState):
-                self._serve = speedups.RequestPath(
-                    self, self.app, monitor, self.exclude_paths, self._excluded_prefixes,
-                    self._fast, self._in_flight,
-                )
         except Exception:  # noqa: BLE001
             self._internal_error("starting the loop monitor")
 
@@ -355,39 +229,53 @@ class LoopWatchMiddleware(_Base):
         if monitor is None:
             return
         self.monitor = None
-        self._serve = None
+        self._loop = None
         try:
-            started, users = _shared.get(monitor, (False, []))
-            if self in users:
-                users.remove(self)
             monitor.remove_sink(self)
-            if not any(user.metrics is self.metrics for user in users):
+            if self.otel is not None:
+                monitor.remove_sink(self.otel)
+            others = [user for user in monitor._users if user is not self]
+            if not any(getattr(user, "metrics", None) is self.metrics for user in others):
                 monitor.remove_sink(self.metrics)
-            if not users:
-                _shared.pop(monitor, None)
-                if started:
-                    monitor.stop()
+            monitor._leave(self)
         except Exception:  # noqa: BLE001
             self._internal_error("stopping the loop monitor")
+        # What this run recorded is folded into the metrics now; a next run (a new server of
+        # the same app) starts new series.
+        self.metrics.retire(self._owned)
+        if self.otel is not None:
+            self.otel.detach(self._owned)
+        self._owned.clear()
+        self._by_label.clear()
+        self._fast.clear()
 
     # -- once a second, on the loop (monitor sink) ------------------------------------------
 
     def on_tick(self) -> None:
+        if self._routes.refresh():
+            # Routes were added or removed: labels cached by endpoint may no longer hold.
+            self._fast.clear()
         counts: dict[tuple[str | None, str | None], int] = {}
         for owner in self._in_flight:
             key = owner.labels()
             counts[key] = counts.get(key, 0) + 1
         self.metrics.set_in_progress(counts)
+        otel = self.otel
+        if otel is not None:
+            otel.set_in_progress(self._in_flight)
         limiter = self._limiter
         if limiter is not None:
-            self.metrics.set_threadpool(
-                limiter.borrowed_tokens, limiter.total_tokens,
-                limiter.statistics().tasks_waiting,
-            )
+            pool = (limiter.borrowed_tokens, limiter.total_tokens,
+                    limiter.statistics().tasks_waiting)
+            self.metrics.set_threadpool(*pool)
+            if otel is not None:
+                otel.set_threadpool(*pool)
 
     def _internal_error(self, where: str) -> None:
         try:
             self.metrics.on_internal_error()
+            if self.otel is not None:
+                self.otel.on_internal_error()
         except Exception:  # noqa: BLE001
             pass
         if not self._errors_logged:

@@ -1,19 +1,24 @@
-"""Runqueue wait of the loop thread: telling a block from the OS preempting the loop.
+"""The loop thread's scheduling, from the kernel: how much of a block the thread spent on a
+CPU, waiting for one, or neither.
 
-A step timed by wall clock also counts the time the OS kept the loop thread off the CPU while
-it was runnable (another process or thread had the core). On Linux,
-``/proc/self/task/<tid>/schedstat`` gives a thread's cumulative runqueue wait (its second
-field, in ns): the time it was runnable but not running. A thread sleeping or blocked in a
-syscall (``time.sleep``, a socket read) does not accumulate it; one computing does only while
-it waits for a CPU. So the time a step's own code held the loop is its wall duration minus the
-runqueue wait inside it.
+A step timed by wall clock also counts the time the OS kept the loop thread off the CPU. On
+Linux, ``/proc/self/task/<tid>/schedstat`` gives a thread's cumulative time on a CPU, its
+cumulative runqueue wait (runnable, but another thread had the CPU) and how many times it got
+a CPU. A thread sleeping in a call (``time.sleep``, a socket read, waiting for the GIL) or
+stopped with the whole process (SIGSTOP, a VM whose CPU was taken away) accumulates neither.
 
-The counter can only be read, not reset, so the wait inside a step is bounded from *marks*:
-(clock, wait) pairs the loop thread takes in the lag probe and at the end of a block, and a
-read at the step's end: a few microseconds each, never on the per-step path.
+None of this excuses a block: the loop was held for its users either way (a CPU-bound step on
+a busy host gets less CPU than wall time, and is still the step that held the loop). It labels
+blocks: how much of each was runqueue wait (``preempted``), and how much the thread spent
+neither running nor waiting for a CPU, which, when the watchdog saw the whole process stand
+still, is the time it was paused.
+
+The counters can only be read, not reset, so what happened inside a block is bounded from
+*marks*: readings the loop thread takes in the lag probe and at the end of a block (a few
+microseconds each, never on the per-step path).
 
 Where the file cannot be read (not Linux, no schedstat, any error), :func:`open_reader`
-returns None or the reader stops reading: everything then behaves as without it.
+returns None or the reader stops reading: blocks then carry no such labels.
 """
 
 from __future__ import annotations
@@ -24,20 +29,22 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["Mark", "SchedReader", "held_at_most", "open_reader"]
+__all__ = ["Mark", "Reading", "SchedReader", "inside", "open_reader"]
 
-#: (perf_counter() taken just before the read, cumulative runqueue wait in seconds), read by
-#: the thread itself: the kernel adds a wait to the counter when the thread gets a CPU back,
-#: so a thread reading its own counter sees every wait up to that moment. (Another thread's
-#: read would lack an ongoing wait, and the watchdog cannot run anyway while a preempted
-#: loop thread holds the GIL: marks come from the loop thread only.)
-Mark = tuple[float, float]
+#: (seconds on a CPU, seconds waiting in the run queue, times it got a CPU), cumulative.
+Reading = tuple[float, float, int]
+
+#: (perf_counter() taken just before the read, the reading), read by the thread itself: the
+#: kernel adds a wait to the counter when the thread gets a CPU back, so a thread reading its
+#: own counters sees every wait up to that moment. (Another thread's read would lack an
+#: ongoing wait, and could not run anyway while a preempted loop thread holds the GIL.)
+Mark = tuple[float, Reading]
 
 _SIZE = 128  # "<on-cpu ns> <runqueue ns> <timeslices>\n" is far shorter
 
 
 class SchedReader:
-    """Reads one thread's cumulative runqueue wait. Use one reader per reading thread.
+    """Reads one thread's scheduling counters. Use one reader per reading thread.
 
     The read is a ``pread`` through :class:`ctypes.PyDLL`, which keeps the GIL: ``os.pread``
     would release it, and on the loop thread that lets any other Python thread take the GIL
@@ -56,8 +63,8 @@ class SchedReader:
         self._pread = pread
         self._finalizer = weakref.finalize(self, os.close, fd)
 
-    def wait(self) -> float | None:
-        """Seconds the thread waited in the run queue so far, or None (then for good)."""
+    def read(self) -> Reading | None:
+        """The thread's counters so far, or None (then for good)."""
         args = self._args
         if args is None:
             return None
@@ -65,7 +72,8 @@ class SchedReader:
             n = self._pread(*args)
             if n <= 0:
                 raise OSError("schedstat: nothing read")
-            return int(self._buffer.raw[:n].split()[1]) * 1e-9
+            on_cpu, waited, runs = self._buffer.raw[:n].split()[:3]
+            return int(on_cpu) * 1e-9, int(waited) * 1e-9, int(runs)
         except Exception:  # noqa: BLE001 - the thread exited, an odd kernel: stop reading
             self.close()
             return None
@@ -76,7 +84,7 @@ class SchedReader:
 
 
 def open_reader(native_tid: int) -> SchedReader | None:
-    """A reader of thread ``native_tid``'s (of this process) runqueue wait, or None."""
+    """A reader of thread ``native_tid``'s (of this process) counters, or None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -90,21 +98,22 @@ def open_reader(native_tid: int) -> SchedReader | None:
     except (ImportError, OSError, AttributeError):
         return None
     reader = SchedReader(fd, pread)
-    if reader.wait() is None:
+    if reader.read() is None:
         return None
     return reader
 
 
-def held_at_most(marks: Iterable[Mark], t0: float, t_end: float, wait_end: float) -> float:
-    """An upper bound of the time, within ``[t0, t_end]``, the thread was *not* waiting in
-    the run queue: running, or sleeping in a call of its own.
+def inside(marks: Iterable[Mark], t0: float, t_end: float, end: Reading) -> tuple[float, float]:
+    """(runqueue wait, time neither on a CPU nor waiting for one), lower bounds of each
+    within ``[t0, t_end]``, from ``end`` (the thread's own reading, taken at ``t_end``).
 
-    ``wait_end`` is the thread's own read of its runqueue wait, taken before ``t_end``. The
-    counter grows by at most the elapsed time, so a mark taken ``g`` seconds before ``t0``
-    proves at least ``wait_end - wait - g`` of wait inside the stretch; one taken inside it
-    proves ``wait_end - wait``.
+    The counters grow by at most the elapsed time, so a mark taken ``g`` seconds before
+    ``t0`` proves at least ``wait_end - wait - g`` of wait inside the stretch, and that the
+    thread spent at most ``cpu_end - cpu`` on a CPU and ``wait_end - wait`` waiting in it.
     """
-    proven = 0.0
-    for clock, wait in marks:
-        proven = max(proven, wait_end - wait - max(0.0, t0 - clock))
-    return (t_end - t0) - proven
+    waited = off = 0.0
+    for clock, (cpu, wait, _) in marks:
+        gap = max(0.0, t0 - clock)
+        waited = max(waited, end[1] - wait - gap)
+        off = max(off, (t_end - max(t0, clock)) - (end[0] - cpu) - (end[1] - wait))
+    return max(waited, 0.0), max(off, 0.0)

@@ -86,11 +86,29 @@ class Watch:
             return
         monitor = self.monitor
         assert monitor is not None
-        self._busy1 = monitor.busy
         self._t1 = time.perf_counter()
-        monitor.remove_sink(self)
+        # The step running now (the watch ends inside it) counts too: its loop time so far,
+        # and how late the probe is by now, which is the lag its users see.
+        running = self._t1 - monitor.step_start if monitor.step_start else 0.0
+        loop = monitor.loop
+        if loop is not None and monitor._probe_due:
+            self.on_probe(max(0.0, loop.time() - monitor._probe_due), 0.0)
+        busy_end = monitor.busy + running
         if self._own:
+            # A step still running that already blocked (the body ended in it, with no
+            # await after the blocking call) is reported as the monitor stops: to us too.
             monitor.stop()
+        else:
+            # The monitor goes on, and will report that step when it ends: too late for us.
+            try:
+                block = monitor._running_block()
+            except Exception:  # noqa: BLE001 - never break the code we watch
+                monitor._internal_error("watch")
+                block = None
+            if block is not None:
+                self.on_block(block)
+        self._busy1 = busy_end
+        monitor.remove_sink(self)
         self._state = "closed"
 
     # Sink interface ----------------------------------------------------------------------
@@ -113,6 +131,11 @@ class Watch:
     def mean_lag(self) -> float:
         """The mean probe lateness during the watch, in seconds."""
         return self._lagsum / self._lag0 if self._lag0 else 0.0
+
+    @property
+    def owns_monitor(self) -> bool:
+        """Whether this watch started (and stops) the monitor, rather than joining one."""
+        return self._own
 
     @property
     def probes(self) -> int:

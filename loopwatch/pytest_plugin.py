@@ -19,21 +19,24 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from collections.abc import Callable, Generator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ._config import Config
 from ._events import BlockEvent
+from ._hooks import timed_await
 from ._watch import Watch
 
-__all__ = ["LoopwatchFixture"]
+__all__ = ["LoopWatchFixture"]
 
 _DEFAULT_THRESHOLD = 0.1
 
 
-class LoopwatchFixture:
+class LoopWatchFixture:
     """What the ``loopwatch`` fixture returns: the watch of the test's event loop."""
 
     def __init__(self) -> None:
@@ -41,8 +44,19 @@ class LoopwatchFixture:
 
     @property
     def blocks(self) -> list[BlockEvent]:
-        """Block events seen so far during the test (empty outside an async test)."""
-        return list(self.watch.blocks) if self.watch is not None else []
+        """Block events seen so far during the test (empty outside an async test), the step
+        running now included once it has held the loop for the threshold (a test that checks
+        right after a blocking call, with no await in between, sees that call's block)."""
+        watch = self.watch
+        if watch is None:
+            return []
+        seen = list(watch.blocks)
+        monitor = watch.monitor
+        if monitor is not None and monitor.active:
+            running = monitor._running_block()
+            if running is not None and running.duration >= watch.config.block_threshold:
+                seen.append(running)
+        return seen
 
     def assert_no_blocks(self, max_block: float | None = None) -> None:
         """Fail the test now if a block of ``max_block`` seconds or more was seen."""
@@ -137,9 +151,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture
-def loopwatch() -> LoopwatchFixture:
+def loopwatch() -> LoopWatchFixture:
     """The watch of this async test's event loop: ``loopwatch.blocks``."""
-    return LoopwatchFixture()
+    return LoopWatchFixture()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -150,7 +164,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
         return
     limit, explicit = _limit_for(item)
     fixture = item.funcargs.get("loopwatch")
-    if not isinstance(fixture, LoopwatchFixture):
+    if not isinstance(fixture, LoopWatchFixture):
         fixture = None
     if limit is None and fixture is None:
         yield
@@ -169,7 +183,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
         probe_interval=min(0.01, threshold / 2),
         log_blocks=False,
     )
-    item.obj = _watched(func, config, limit, fixture)
+    item.obj = _watched(func, config, limit, fixture, item.config.rootpath)
     try:
         yield
     finally:
@@ -178,7 +192,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
 
 def _watched(
     func: Callable[..., Any], config: Config, limit: float | None,
-    fixture: LoopwatchFixture | None,
+    fixture: LoopWatchFixture | None, rootdir: Path,
 ) -> Callable[..., Any]:
     @functools.wraps(func)
     async def run_watched(*args: Any, **kwargs: Any) -> Any:
@@ -186,24 +200,44 @@ def _watched(
         if fixture is not None:
             fixture.watch = watch
         async with watch:
-            result = await func(*args, **kwargs)
+            body = func(*args, **kwargs)
+            monitor = watch.monitor
+            if monitor is not None and monitor.mode == "task-factory" and watch.owns_monitor:
+                # uvloop: the test's own task is older than the monitor, so its steps are
+                # not timed; time them here, exactly, as any task's.
+                result = await timed_await(body, monitor)
+            else:
+                result = await body
         if limit is not None:
             offending = [b for b in watch.blocks if b.duration >= limit]
             if offending:
-                pytest.fail(_report(offending, limit), pytrace=False)
+                pytest.fail(_report(offending, limit, rootdir), pytrace=False)
         return result
 
     return run_watched
 
 
-def _report(blocks: list[BlockEvent], limit: float) -> str:
+def _report(blocks: list[BlockEvent], limit: float, rootdir: Path | None = None) -> str:
+    def where(location: str) -> str:
+        if rootdir is None:
+            return location
+        try:
+            return os.path.relpath(location, rootdir) if location.startswith(
+                str(rootdir) + os.sep) else location
+        except ValueError:  # another drive (Windows)
+            return location
+
     lines = [
         f"loopwatch: the event loop was blocked {len(blocks)} time(s) for "
         f"{limit * 1000:.0f} ms or more:"
     ]
     for event in blocks:
-        lines.append(f"  - {event.summary()}")
+        summary = event.summary()
+        frame = event.blocking_frame
+        if frame is not None:
+            summary = summary.replace(f" at {frame.location} ", f" at {where(frame.location)} ", 1)
+        lines.append(f"  - {summary}")
         shown = [f for f in event.frames if not f.is_library][:5] or list(event.frames[:3])
         for frame in shown:
-            lines.append(f"      {frame.location} in {frame.function}")
+            lines.append(f"      {where(frame.location)} in {frame.function}")
     return "\n".join(lines)

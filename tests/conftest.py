@@ -10,6 +10,23 @@ import uvloop
 
 LOOPS = ["asyncio", "uvloop"]
 
+#: Test files of what surrounds loopwatch -- the demo, the dashboards and rules, the stack and
+#: the fleet, pages in a browser -- rather than its hot path: marked ``system``. CI runs them
+#: once (newest Python, compiled path) and everything else on every Python and path.
+SYSTEM_FILES = (
+    "test_dashboards.py", "test_rules.py", "test_stack.py", "test_stack_compose.py",
+    "test_stack_docs.py", "test_fleet.py", "test_ui_browser.py", "test_ui_screenshot.py",
+    "test_demo_background.py", "test_demo_cli.py", "test_demo_concurrency.py",
+    "test_demo_config.py", "test_demo_contract.py", "test_demo_docs.py", "test_demo_errors.py",
+    "test_demo_headline.py", "test_demo_routes.py", "test_demo_upstream.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SYSTEM_FILES:
+            item.add_marker(pytest.mark.system)
+
 
 def new_loop(kind: str) -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop() if kind == "uvloop" else asyncio.new_event_loop()

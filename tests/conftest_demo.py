@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 from fastapi import FastAPI
-from servers import RunningServer, serve_in_thread
+from harness.servers import RunningServer, serve_in_thread
 
 from demo_app import Settings, create_app
 from demo_app.faults import Behaviour

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 from conftest_demo import LOOPS, serve, serve_simulator, serve_stack, timed, wait_for
-from servers import free_port
+from harness.servers import free_port
 
 from demo_app import Settings, create_app
 from demo_app.faults import Behaviour

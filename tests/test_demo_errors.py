@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 from conftest_demo import LOOPS, Stack, serve, serve_stack, timed
-from servers import free_port
+from harness.servers import free_port
 
 from demo_app import Settings, create_app
 
@@ -43,11 +44,11 @@ def test_an_upstream_that_hangs_is_a_504_after_the_timeout(impatient: Stack) -> 
     assert TIMEOUT * 0.9 < seconds < TIMEOUT + 1.5, seconds
 
 
-def test_an_unknown_user_is_a_404(impatient: Stack) -> None:
-    status, detail = answer(impatient, "/resilient/999")
+def test_a_user_the_upstream_does_not_have_is_a_404(impatient: Stack) -> None:
+    status, detail = answer(impatient, "/resilient/9", Status="404")
     assert status == 404
-    assert detail == {"code": "not_found", "message": "user 999 not found", "retryable": False}
-    assert impatient.sim_stats()["by_path"] == {"/users/999": 1}
+    assert detail == {"code": "not_found", "message": "user 9 not found", "retryable": False}
+    assert impatient.sim_stats()["by_path"] == {"/users/9": 1}
 
 
 def test_an_upstream_404_is_a_404(impatient: Stack) -> None:
@@ -94,17 +95,56 @@ def test_garbage_json_is_a_502(impatient: Stack) -> None:
 
 
 def test_the_dashboard_maps_the_failure_of_any_of_its_calls(impatient: Stack) -> None:
-    assert answer(impatient, "/dashboard/999")[0] == 404
+    assert answer(impatient, "/dashboard/9", Status="404")[0] == 404
     (status, _), seconds = timed(lambda: answer(impatient, "/dashboard/1", Hang="1"))
     assert status == 504
     assert seconds < TIMEOUT + 1.5  # the three calls time out together, not one after another
     assert answer(impatient, "/dashboard/1", Drop="1")[0] == 502
 
 
-@pytest.mark.parametrize("path", ["/data", "/users/1", "/products/1", "/weather"])
-def test_every_route_maps_upstream_failures(impatient: Stack, path: str) -> None:
-    assert answer(impatient, path, Status="503")[0] == 502
-    assert answer(impatient, path, Garbage="1")[0] == 502
+UPSTREAM_ROUTES = [
+    "/data",
+    "/users/1",
+    "/dashboard/1",
+    "/resilient/1",
+    "/products/1",
+    "/weather",
+    "/antipatterns/sequential/1",
+    "/antipatterns/requests-get?ms=0",
+]
+
+
+@pytest.mark.parametrize("path", UPSTREAM_ROUTES)
+def test_every_route_maps_upstream_failures_to_the_one_error_model(
+    impatient: Stack, path: str
+) -> None:
+    for sim, status, code in [
+        ({"Status": "503"}, 502, "upstream_error"),
+        ({"Garbage": "1"}, 502, "upstream_invalid_response"),
+        ({"Drop": "reset"}, 502, "upstream_unreachable"),
+        ({"Status": "404"}, 404, "not_found"),
+        ({"Hang": "1"}, 504, "upstream_timeout"),
+    ]:
+        got, detail = answer(impatient, path, **sim)
+        assert (got, detail["code"]) == (status, code), (sim, detail)
+        assert set(detail) == {"code", "message", "retryable"}
+
+
+@pytest.mark.parametrize("path", UPSTREAM_ROUTES)
+def test_every_route_declares_the_answers_it_gives(impatient: Stack, path: str) -> None:
+    """Each status of the test above, and 422 where there is input to refuse, is in the
+    route's OpenAPI entry, with the one error model for the upstream's failures."""
+    schema = impatient.client.get("/openapi.json").json()
+    concrete = path.partition("?")[0]
+    (template,) = [t for t in schema["paths"]
+                   if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", t), concrete)]
+    responses = schema["paths"][template]["get"]["responses"]
+    takes_input = "{" in template or "?" in path  # only input can be refused with a 422
+    expected = {"200", "404", "502", "504"} | ({"422"} if takes_input else set())
+    assert set(responses) == expected, set(responses)
+    for status in ("404", "502", "504"):
+        ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == "#/components/schemas/UpstreamError"
 
 
 def test_an_upstream_port_with_nothing_listening_is_a_502() -> None:

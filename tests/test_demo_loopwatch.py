@@ -13,7 +13,7 @@ import pytest
 from conftest_demo import LOOPS, serve, serve_simulator
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from servers import free_port, serve_in_subprocess
+from harness.servers import free_port, serve_in_subprocess
 
 import demo_app.antipatterns
 from demo_app import Settings, create_app
@@ -110,6 +110,15 @@ def test_an_awaiting_route_is_not_blamed(instrumented: Instrumented) -> None:
     assert instrumented.events(route) == []
 
 
+def test_the_live_page_reads_the_demos_registry(instrumented: Instrumented) -> None:
+    """The page's route table comes from the registry the demo's middleware writes to (here
+    one of the test's own, not the global one)."""
+    assert instrumented.client.get("/antipatterns/sleep?ms=150").status_code == 200
+    rows = instrumented.client.get("/loopwatch/api/state").json()["routes"]["rows"]
+    sleep = [row for row in rows if row["route"] == "/antipatterns/sleep"]
+    assert sleep and sleep[0]["requests"] >= 1 and sleep[0]["blocks"] >= 1, rows
+
+
 def test_python_m_demo_app_serves_metrics_and_events() -> None:
     """The demo as a user runs it, here calling an upstream of ours (``--no-upstream``)."""
     port = free_port()
@@ -122,11 +131,16 @@ def test_python_m_demo_app_serves_metrics_and_events() -> None:
             httpx.get(f"{base}/antipatterns/sleep?ms=200")
             metrics = httpx.get(f"{base}/metrics", follow_redirects=True).text
             events = httpx.get(f"{base}/loopwatch/events", follow_redirects=True).json()["events"]
+            page = httpx.get(f"{base}/loopwatch/")
+            state = httpx.get(f"{base}/loopwatch/api/state").json()
             proc.terminate()
             banner = proc.communicate(timeout=10)[0].decode()
         assert sim.by_path == {"/users/2": 1}
     sample = 'loopwatch_request_blocking_seconds_sum{method="GET",route="/antipatterns/sleep"}'
     assert sample in metrics
     assert any(event["route"] == "/antipatterns/sleep" for event in events)
-    for url in (f"{base}/docs", f"{base}/metrics/", f"{base}/loopwatch/events/", upstream_url):
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert any(event["route"] == "/antipatterns/sleep" for event in state["events"]), state
+    for url in (f"{base}/docs", f"{base}/loopwatch/", f"{base}/metrics/",
+                f"{base}/loopwatch/events/", upstream_url):
         assert url in banner

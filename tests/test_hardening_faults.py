@@ -35,7 +35,7 @@ import loopwatch
 from demo_app import Settings, create_app
 from loopwatch._metrics import metrics_for
 from tests.apps import hardening_app
-from tests.servers import free_port, serve_in_subprocess, serve_in_thread
+from harness.servers import free_port, serve_in_subprocess, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 0.5  # the demo's upstream timeout in these tests

@@ -30,7 +30,7 @@ from loopwatch import _hooks, _monitor
 from loopwatch._metrics import metrics_for
 from tests.apps import hardening_app
 from tests.conftest import run_on
-from tests.servers import free_port, serve_in_thread
+from harness.servers import free_port, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,7 +96,7 @@ def test_start_and_stop_300_times_on_one_loop_and_on_100_loops(loop_kind: str) -
         run_on(loop_kind, once())
     wait_for(lambda: len(watchdogs()) <= before, "every watchdog thread ended")
     assert asyncio.events.Handle._run is _hooks._original_run
-    assert not _hooks._handle_monitors
+    assert _hooks._handle_users == 0 and not _hooks.handle_hook_installed()
     assert not _monitor._monitors
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import free_port, serve_in_subprocess
+from harness.servers import free_port, serve_in_subprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ from demo_app import Settings
 from demo_app.config import ConfigError
 from demo_app.faults import Behaviour
 from tests.apps import hardening_admin, hardening_app
-from tests.servers import free_port, serve_in_thread
+from harness.servers import free_port, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "hardening.md"
@@ -70,7 +70,8 @@ def test_secrets_never_reach_metrics_events_or_logs(
     login = next(e for e in events if e["route"] == "/login/{username}")
     assert login["location"].endswith(f"hardening_app.py:{_line_of('time.sleep(0.15)')}")
     assert set(login) == {"time", "duration", "task", "method", "route", "location", "hint",
-                          "stack_status", "timed", "gc_seconds", "frames"}
+                          "stack_status", "timed", "gc_seconds", "preempted", "paused",
+                          "frames"}
     assert all(set(f) == {"file", "line", "function"} for f in login["frames"])
     records = [r for r in caplog.records if r.name == "loopwatch"]
     assert records  # the block was logged

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 import loopwatch
 from loopwatch._metrics import metrics_for
 from tests.apps import hardening_app
-from tests.servers import RunningServer, serve_in_thread
+from harness.servers import RunningServer, serve_in_thread
 
 
 def find_middleware(app: Any) -> loopwatch.LoopWatchMiddleware:

@@ -48,3 +48,88 @@ def test_cpu_bound_only_when_nothing_else_matches() -> None:
     assert hint_for((USER,), ["total += i * i"], cpu_bound=True) == CPU_HINT
     assert hint_for((USER,), ["time.sleep(1)"], cpu_bound=True) == SLEEP_HINT
     assert hint_for((USER,), ["total += i * i"], cpu_bound=False) is None
+
+
+# -- on real stacks ------------------------------------------------------------------------
+
+
+class _SlowHTTP:
+    """A real HTTP server on loopback that answers every request after 200 ms."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+        import time
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                time.sleep(0.2)
+                body = b"{}"
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _requests_get(url: str) -> None:
+    import requests
+
+    requests.get(url, timeout=5)  # CALL-LINE
+
+
+def _httpx_get(url: str) -> None:
+    import httpx
+
+    httpx.get(url, timeout=5)  # CALL-LINE
+
+
+def _urlopen(url: str) -> None:
+    import urllib.request
+
+    urllib.request.urlopen(url, timeout=5).read()  # CALL-LINE
+
+
+@pytest.mark.parametrize(("call", "hint"), [
+    (_requests_get, REQUESTS_HINT),
+    (_httpx_get, HTTPX_SYNC_HINT),
+    (_urlopen, "urllib"),
+])
+def test_the_hint_names_the_library_the_code_called(run: object, call: object, hint: str) -> None:
+    """requests.get blocks deep inside http.client and socket; the hint is the one for
+    requests (it was urllib's), and the location is the line that called it."""
+    import asyncio
+    import inspect
+
+    import loopwatch
+
+    server = _SlowHTTP()
+    try:
+        async def main() -> loopwatch.Watch:
+            async with loopwatch.watch(log_blocks=False) as w:
+                async def handler() -> None:
+                    call(server.url)  # type: ignore[operator]
+
+                await asyncio.create_task(handler())
+            return w
+
+        w = run(main())  # type: ignore[operator]
+    finally:
+        server.close()
+    assert len(w.blocks) == 1
+    event = w.blocks[0]
+    assert event.stack_status == "sampled"
+    source, first = inspect.getsourcelines(call)  # type: ignore[arg-type]
+    line = first + next(i for i, text in enumerate(source) if "# CALL-LINE" in text)
+    assert event.location == f"{__file__}:{line}", event.frames[:6]
+    assert event.hint is not None and (event.hint == hint or hint in event.hint), event.hint

@@ -41,7 +41,7 @@ async def test_awaits():
     line = _line_of(path.read_text(), "BLOCKING-LINE")
     result.stdout.fnmatch_lines([
         "*loopwatch: the event loop was blocked 1 time(s) for 50 ms or more*",
-        f"*{path}:{line}*blocking_call*asyncio.sleep*",
+        f"*test_it.py:{line} in blocking_call*asyncio.sleep*",
     ])
 
 

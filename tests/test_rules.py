@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -351,3 +352,28 @@ def test_alertmanager_config() -> None:
             [amtool, "check-config", str(path)], check=False, capture_output=True, text=True
         )
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The capped copies the local stacks evaluate
+
+
+def test_capped_rule_files_differ_only_in_alert_holds(tmp_path: Path) -> None:
+    """``write_rule_files(alert_for=...)`` edits text, not YAML (the demo's set-up has no
+    PyYAML): parsed back, each alert's ``for:`` is min(original, cap) and nothing else moved."""
+    from dashboards.stack.rules import cap_alert_holds, write_rule_files
+
+    written = write_rule_files(tmp_path, alert_for="10s")
+    assert [p.name for p in written] == [p.name for p in RULE_FILES]
+    for original, capped in zip(RULE_FILES, written, strict=True):
+        want = yaml.safe_load(original.read_text())
+        for group in want["groups"]:
+            for rule in group["rules"]:
+                if "for" in rule and duration_seconds(rule["for"]) > 10:
+                    rule["for"] = "10s"
+        assert yaml.safe_load(capped.read_text()) == want
+        assert run_promtool("check", "rules", capped).returncode == 0
+    capped_fors = [r.get("for") for p in written for r in load_rules(p) if "alert" in r]
+    assert "10s" in capped_fors and not any(f and duration_seconds(f) > 10 for f in capped_fors)
+    with pytest.raises(ValueError, match="cannot cap"):
+        cap_alert_holds("groups:\n  - rules:\n      - {alert: X, expr: up, for: 5m}\n", "10s")

@@ -37,7 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dashboards import stack as st  # noqa: E402 (after the sys.path line)
+from dashboards.stack import panels, promapi  # noqa: E402 (after the sys.path line)
+from dashboards.stack.demo import Stack  # noqa: E402
+from dashboards.stack.durations import parse_duration  # noqa: E402
 from tests.needs import missing  # noqa: E402 (after the sys.path line)
 
 if TYPE_CHECKING:
@@ -58,27 +60,27 @@ ANTI_PATTERN_PATH = "/antipatterns/sleep?ms=150"
 ANTI_PATTERN_CONCURRENCY = 2  # enough to keep the loop blocked; few enough to let scrapes through
 
 
-def assert_all_panels_have_data(stack: st.Stack, timeout: float) -> list[st.PanelResult]:
-    dashboard = st.load_dashboard()
+def assert_all_panels_have_data(stack: Stack, timeout: float) -> list[panels.PanelResult]:
+    dashboard = panels.load_dashboard()
     variables = stack.panel_variables(dashboard)
-    results: list[st.PanelResult] = []
+    results: list[panels.PanelResult] = []
 
     def all_ok() -> bool:
         nonlocal results
-        results = st.check_panels(stack.prometheus_url, dashboard, variables)
+        results = panels.check_panels(stack.prometheus_url, dashboard, variables)
         return all(r.ok for r in results)
 
     try:
-        st.wait_for(all_ok, timeout=timeout, interval=1.0, what="every panel query to return data")
+        promapi.wait_for(all_ok, timeout=timeout, interval=1.0, what="every panel query to return data")
     except TimeoutError:
-        pytest.fail("panel queries without data:\n" + st.format_panel_results(results))
-    assert len(results) == len(st.panel_targets(dashboard)) > 20
+        pytest.fail("panel queries without data:\n" + panels.format_panel_results(results))
+    assert len(results) == len(panels.panel_targets(dashboard)) > 20
     return results
 
 
-def wait_for_alert(stack: st.Stack, state: str, timeout: float) -> float:
+def wait_for_alert(stack: Stack, state: str, timeout: float) -> float:
     start = time.monotonic()
-    st.wait_for(
+    promapi.wait_for(
         lambda: stack.alert_state(BLOCKED_ALERT) == state,
         timeout=timeout,
         what=f"{BLOCKED_ALERT} to be {state}",
@@ -130,11 +132,11 @@ class AntiPattern:
 
 @pytest.mark.slow
 def test_stack_end_to_end(tmp_path: Path) -> None:
-    with st.Stack(data_dir=tmp_path / "stack", alert_for=ALERT_FOR) as stack:
+    with Stack(data_dir=tmp_path / "stack", alert_for=ALERT_FOR) as stack:
         stack.wait_until_scraped(timeout=30)
         assert stack.alert_state(BLOCKED_ALERT) == "inactive"
 
-        load = stack.start_load("--duration", "0", "--concurrency", "4")
+        stack.start_load("--duration", "0", "--concurrency", "4")
         with AntiPattern(stack.url("demo") + ANTI_PATTERN_PATH, ANTI_PATTERN_CONCURRENCY) as anti:
             wait_for_alert(stack, "firing", timeout=60)
             assert_all_panels_have_data(stack, timeout=60)
@@ -142,7 +144,7 @@ def test_stack_end_to_end(tmp_path: Path) -> None:
         assert anti.responses.get(200, 0) > 0, (
             f"anti-pattern route never answered 200: {anti.responses}"
         )
-        stack.stop_process(load)
+        stack.stop_process("load")
 
         # The 1m rate window has to slide past the blocks: about a minute.
         took = wait_for_alert(stack, "inactive", timeout=100)
@@ -299,7 +301,7 @@ def contract_exporter() -> Iterator[tuple[ContractExporter, str]]:
 
 def test_contract_exporter(tmp_path: Path, contract_exporter: tuple[ContractExporter, str]) -> None:
     exporter, target = contract_exporter
-    with st.Stack(
+    with Stack(
         services=[], extra_targets=[target], data_dir=tmp_path / "stack", alert_for=ALERT_FOR
     ) as stack:
         stack.wait_until_scraped(timeout=30)
@@ -307,11 +309,11 @@ def test_contract_exporter(tmp_path: Path, contract_exporter: tuple[ContractExpo
         assert stack.alert_state(BLOCKED_ALERT) == "inactive"
         exporter.blocking = True
         took = wait_for_alert(stack, "firing", timeout=40)
-        assert took >= st.parse_duration(ALERT_FOR) - 1  # it held for its (capped) for: duration
+        assert took >= parse_duration(ALERT_FOR) - 1  # it held for its (capped) for: duration
         assert_all_panels_have_data(stack, timeout=30)
         # The alerts about other failure modes stay quiet. (The lag alert may pend or fire too,
         # depending on how much of its 1m window the blocking covers by now.)
-        states = {r["name"]: r["state"] for r in st.alerting_rules(stack.prometheus_url)}
+        states = {r["name"]: r["state"] for r in promapi.alerting_rules(stack.prometheus_url)}
         quiet = {
             "LoopwatchEventLoopLongBlock",
             "LoopwatchEventLoopSaturated",

@@ -33,8 +33,20 @@ PROMETHEUS_YML = ROOT / "dashboards" / "prometheus" / "prometheus.yml"
 PROVISIONING = ROOT / "dashboards" / "grafana" / "provisioning"
 
 APP_SERVICES = {"upstream", "demo", "load"}
+#: The fleet (profile "fleet"): app instances by job, as dashboards/prometheus/agent.yml scrapes.
+FLEET_JOBS = {"api": {"api-1", "api-2"}, "canary": {"canary-1"}}
+FLEET_INSTANCES = set().union(*FLEET_JOBS.values())
+AGENT_YML = ROOT / "dashboards" / "prometheus" / "agent.yml"
 #: Ports the third-party images listen on by default.
-IMAGE_PORTS = {"prometheus": 9090, "alertmanager": 9093, "grafana": 3000}
+IMAGE_PORTS = {
+    "prometheus": 9090,
+    "alertmanager": 9093,
+    "grafana": 3000,
+    "prometheus-agent": 9090,
+    "victoriametrics": 8428,
+    "vmalert": 8880,
+}
+FLEET_SERVICES = FLEET_INSTANCES | {"prometheus-agent", "victoriametrics", "vmalert"}
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +136,10 @@ def test_schema_rejects_broken_compose_files(compose: dict[str, Any], breakage: 
 
 def test_services_and_commands(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == APP_SERVICES | set(IMAGE_PORTS)
+    assert set(services) == APP_SERVICES | FLEET_INSTANCES | set(IMAGE_PORTS)
+    assert {n for n, svc in services.items() if "fleet" in svc.get("profiles", [])} == (
+        FLEET_SERVICES
+    ), "the fleet runs only with --profile fleet; the demo stack stays as it was"
     assert command(services["demo"]) == [
         "python",
         "-m",
@@ -148,7 +163,7 @@ def test_services_and_commands(compose: dict[str, Any]) -> None:
     load = command(services["load"])
     assert load[:3] == ["python", "-m", "demo_app.load"] and "http://demo:8000" in load
     assert load[load.index("--duration") + 1] == "0", "the load generator must run until stopped"
-    for name in APP_SERVICES:  # one image for the three
+    for name in APP_SERVICES | FLEET_INSTANCES:  # one image for all the Python services
         assert services[name]["build"]["context"] == "."
         assert (
             ROOT / services[name]["build"].get("dockerfile", "Dockerfile")
@@ -316,3 +331,61 @@ def test_docker_compose_config() -> None:
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The fleet (profile "fleet"): the topology of python -m dashboards.stack.fleet
+
+
+def test_fleet_instances_run_the_fleet_app_with_workers_and_a_fresh_multiproc_dir(
+    compose: dict[str, Any],
+) -> None:
+    for name in FLEET_INSTANCES:
+        svc = compose["services"][name]
+        cmd = command(svc)
+        assert cmd[:4] == ["python", "-m", "uvicorn", "fleet_app:app"], cmd
+        assert int(cmd[cmd.index("--workers") + 1]) >= 2
+        assert mount_target(svc, "dashboards/stack/fleet_app.py") == "/app/fleet_app.py"
+        directory = svc["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+        # tmpfs: empty at every start, as multiprocess mode needs (a counter reset, not a
+        # continuation of the last run's files).
+        assert any(t.split(":")[0] == directory for t in svc["tmpfs"]), svc["tmpfs"]
+
+
+def test_agent_scrapes_the_instances_and_writes_to_victoriametrics(
+    compose: dict[str, Any],
+) -> None:
+    agent = compose["services"]["prometheus-agent"]
+    assert "--agent" in command(agent)
+    config_path = mount_target(agent, "dashboards/prometheus/agent.yml")
+    assert f"--config.file={config_path}" in command(agent)
+    config = yaml.safe_load(AGENT_YML.read_text())
+    assert "rule_files" not in config and "alerting" not in config, "an agent runs no rules"
+    jobs = {
+        job["job_name"]: {t for sc in job["static_configs"] for t in sc["targets"]}
+        for job in config["scrape_configs"]
+    }
+    assert jobs == {
+        job: {f"{n}:{listen_port(compose, n)}" for n in names} for job, names in FLEET_JOBS.items()
+    }
+    (remote,) = config["remote_write"]
+    assert remote["url"] == f"http://victoriametrics:{IMAGE_PORTS['victoriametrics']}/api/v1/write"
+    result = subprocess.run(
+        ["promtool", "check", "config", "--agent", str(AGENT_YML)],
+        check=False, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_vmalert_evaluates_the_repository_rules_against_victoriametrics(
+    compose: dict[str, Any],
+) -> None:
+    vmalert = compose["services"]["vmalert"]
+    cmd = command(vmalert)
+    rules_dir = mount_target(vmalert, "dashboards/prometheus/rules")
+    assert f"-rule={rules_dir}/*.yml" in cmd
+    vm = f"http://victoriametrics:{IMAGE_PORTS['victoriametrics']}"
+    assert f"-datasource.url={vm}" in cmd and f"-remoteWrite.url={vm}" in cmd
+    assert f"-notifier.url=http://alertmanager:{IMAGE_PORTS['alertmanager']}" in cmd
+    vm_image, vmalert_image = (compose["services"][n]["image"] for n in ("victoriametrics", "vmalert"))
+    assert vm_image.split(":")[1] == vmalert_image.split(":")[1], "one VictoriaMetrics release"

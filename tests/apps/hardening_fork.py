@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 import loopwatch
 from tests.apps import hardening_app
-from tests.servers import free_port
+from harness.servers import free_port
 
 
 def exercise(app: Any, loop_kind: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Run real servers on loopback for tests: uvicorn in a background thread, or in a subprocess."""
+"""Real servers on loopback for tests, benchmarks and the stack: uvicorn in a background thread,
+or any server in a subprocess, and free ports for them."""
 
 from __future__ import annotations
 
@@ -7,24 +8,23 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
-
 
 _issued: set[int] = set()
 
 
-def free_port() -> int:
-    """A free loopback port, never one this process was given before (the kernel may hand
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free port on ``host``, never one this process was given before (the kernel may hand
     a just-closed port out again, and two servers started together would collide)."""
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             port = int(s.getsockname()[1])
         if port not in _issued:
             _issued.add(port)
@@ -35,7 +35,7 @@ def free_port() -> int:
 class RunningServer:
     url: str
     port: int
-    server: uvicorn.Server
+    server: Any  # uvicorn.Server
     thread: threading.Thread
     loop: Any = field(default=None)
 
@@ -49,6 +49,8 @@ def serve_in_thread(
     ``loop`` is uvicorn's loop setting ("asyncio" or "uvloop"). Yields once the server
     accepts connections; on exit asks the server to stop and joins its thread.
     """
+    import uvicorn
+
     # proto=IPPROTO_TCP, as uvicorn's own sockets: asyncio sets TCP_NODELAY only on
     # sockets whose proto says TCP, and without it keep-alive responses stall ~40 ms.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -107,10 +109,16 @@ def serve_in_subprocess(
     args: list[str], *, port: int, env: dict[str, str | None] | None = None,
     timeout: float = 20.0,
     path: str = "/",
+    cwd: str | os.PathLike[str] | None = None,
+    output: str = "pipe",
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``python args...`` in a subprocess and wait until ``port`` answers HTTP on ``path``.
+    """Start ``python args...`` in a subprocess (in ``cwd``) and wait until ``port`` answers
+    HTTP on ``path``; stop it on exit.
 
-    ``env`` adds variables to the environment; a value of None removes one.
+    ``env`` adds variables to the environment; a value of None removes one. The server's
+    output (stdout and stderr) goes to ``proc.stdout`` (``output="pipe"``, for a test that
+    reads it), or to a temporary file (``"file"``, for a long run whose output nobody reads
+    while it runs: a full pipe would block the server); either is shown if it exits early.
     """
     import httpx
 
@@ -120,15 +128,25 @@ def serve_in_subprocess(
             full_env.pop(key, None)
         else:
             full_env[key] = val
+    if output not in ("pipe", "file"):
+        raise ValueError(f"output={output!r}; allowed: 'pipe', 'file'")
+    log = tempfile.TemporaryFile() if output == "file" else None
     proc = subprocess.Popen(
-        [sys.executable, *args], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [sys.executable, *args], env=full_env, stderr=subprocess.STDOUT, cwd=cwd,
+        stdout=subprocess.PIPE if log is None else log,
     )
+
+    def printed() -> str:
+        if log is not None:
+            log.seek(0)
+            return log.read().decode(errors="replace")[-3000:]
+        return proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+
     deadline = time.monotonic() + timeout
     try:
         while True:
             if proc.poll() is not None:
-                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-                raise RuntimeError(f"server exited early with {proc.returncode}:\n{out}")
+                raise RuntimeError(f"server exited early with {proc.returncode}:\n{printed()}")
             try:
                 httpx.get(f"http://127.0.0.1:{port}{path}", timeout=0.5)
                 break
@@ -146,3 +164,5 @@ def serve_in_subprocess(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if log is not None:
+            log.close()

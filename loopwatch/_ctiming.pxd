@@ -1,0 +1,4 @@
+# The C types of _ctiming.c that Cython code builds on (see _request.pxd).
+cdef extern from *:
+    ctypedef class loopwatch._ctiming.OwnerState [object OwnerState]:
+        cdef double busy

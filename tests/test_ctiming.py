@@ -1,0 +1,484 @@
+"""The C step timing (``loopwatch/_ctiming.c``) does what ``_hooks.py`` does: each test runs
+the pure-Python hook and its C twin on the same inputs. The whole suite also runs on both
+paths in CI (``LOOPWATCH_PURE_PYTHON=1`` for the second run)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import gc
+import os
+import sys
+import time
+import traceback
+import types
+from typing import Any
+
+import pytest
+
+from loopwatch import _hooks
+from loopwatch._accel import StepState, ctiming
+from loopwatch._attribution import Owner, current_owner
+from needs import missing
+
+
+PURE = os.environ.get("LOOPWATCH_PURE_PYTHON") == "1"
+
+
+def _c() -> Any:
+    if ctiming is None:
+        if PURE:
+            pytest.skip("the pure-Python run: the C twin is tested in the compiled run")
+        missing("loopwatch._ctiming was not built (no compiler at install time?)")
+    return ctiming
+
+
+@pytest.fixture(autouse=True)
+def _c_twin_needed(request: pytest.FixtureRequest) -> None:
+    """A test of the C twin (parameter "c", or a name saying so) needs the extension."""
+    params = getattr(request.node, "callspec", None)
+    if (params is not None and {"c", "c-original"} & set(map(str, params.params.values()))) \
+            or "_c_" in request.node.name:
+        _c()
+
+
+def test_the_extension_is_built_and_in_use() -> None:
+    """CI builds it (the figures in docs/performance.md are for the C path), except on the
+    pure-Python run, which asks for the pure-Python path."""
+    if PURE:
+        assert ctiming is None and _hooks._timed_run is _hooks._py_timed_run
+        return
+    c = _c()
+    assert _hooks._timed is c.timed
+    assert isinstance(_hooks._timed_run, c.HandleRun)
+
+
+class FakeMonitor(StepState):  # type: ignore[misc, valid-type]
+    """What the hooks touch on a Monitor (its StepState fields, its two entry points),
+    recorded."""
+
+    def __init__(self, threshold: float = 10.0) -> None:
+        self.step_start = 0.0
+        self.busy = 0.0
+        self.threshold = threshold
+        self.active = True
+        self.blocks: list[tuple[float, float, Any, Any]] = []
+        self.errors: list[str] = []
+        self.starts_seen: list[float] = []
+
+    def _on_block(self, t0: float, dt: float, owner: Any, callback: Any) -> None:
+        self.blocks.append((t0, dt, owner, callback))
+
+    def _internal_error(self, where: str) -> None:
+        self.errors.append(where)
+
+
+def makers() -> list[Any]:
+    return [pytest.param(_hooks._py_timed, id="python"), pytest.param("c", id="c")]
+
+
+def run_hooks() -> list[Any]:
+    """The Python hook; the C hook running callbacks itself (as it does once verify_inline
+    has checked it), and calling the original Handle._run (as it does where that failed)."""
+    return [pytest.param(_hooks._py_timed_run, id="python"), pytest.param("c", id="c"),
+            pytest.param("c-original", id="c-original")]
+
+
+def timed(maker: Any, coro: Any, monitor: Any) -> Any:
+    return (_c().timed if maker == "c" else maker)(coro, monitor)
+
+
+def run_hook(hook: Any) -> Any:
+    if not isinstance(hook, str):
+        return hook
+    run = _c().handle_run(_hooks._original_run, (asyncio.Handle, asyncio.TimerHandle))
+    if hook == "c":
+        assert _hooks.verify_inline(run)
+    return run
+
+
+@types.coroutine
+def _yield(value: Any = None) -> Any:
+    return (yield value)
+
+
+# -- TimedCoroutine ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("maker", makers())
+def test_timed_coroutine_runs_and_charges_each_step(maker: Any) -> None:
+    monitor = FakeMonitor(threshold=0.015)
+    owner = Owner("GET", "/x")
+
+    async def body() -> str:
+        monitor.starts_seen.append(monitor.step_start)
+        got = await _yield("first")
+        time.sleep(0.02)  # a block in the second step
+        await _yield("second")
+        return f"done {got}"
+
+    ctx = contextvars.copy_context()
+    ctx.run(current_owner.set, owner)
+    coroutine = timed(maker, body(), monitor)
+    assert ctx.run(coroutine.send, None) == "first"
+    assert monitor.starts_seen[0] > 0 and monitor.step_start == 0.0
+    assert ctx.run(coroutine.send, 42) == "second"
+    with pytest.raises(StopIteration) as stop:
+        ctx.run(coroutine.send, None)
+    assert stop.value.value == "done 42"
+    assert 0.02 <= owner.busy == pytest.approx(monitor.busy, abs=1e-9)
+    (t0, dt, blamed, what), = monitor.blocks
+    assert blamed is owner and dt >= 0.02 and what is None and not monitor.errors
+
+
+@pytest.mark.parametrize("maker", makers())
+def test_timed_coroutine_delegates_throw_close_and_introspection(maker: Any) -> None:
+    monitor = FakeMonitor()
+
+    async def body() -> None:
+        try:
+            await _yield()
+        except ValueError as exc:
+            await _yield(f"caught {exc}")
+        await _yield("again")
+
+    coro = body()
+    coroutine = timed(maker, coro, monitor)
+    assert coroutine.wrapped() is coro and coroutine() is coro  # it stands in for get_coro
+    assert coroutine.cr_frame is coro.cr_frame and coroutine.__qualname__ == coro.__qualname__
+    assert repr(coroutine) == repr(coro)
+    coroutine.send(None)
+    assert coroutine.throw(ValueError("x")) == "caught x"
+    coroutine.close()
+    assert coro.cr_frame is None
+    with pytest.raises(AttributeError):
+        coroutine.no_such_attribute  # noqa: B018
+    with pytest.raises(TypeError):
+        coroutine(1)
+
+
+@pytest.mark.parametrize("maker", makers())
+@pytest.mark.parametrize("how", ["send", "throw"])
+def test_timed_coroutine_passes_exceptions_and_results_through(maker: Any, how: str) -> None:
+    monitor = FakeMonitor()
+
+    async def body() -> int:
+        try:
+            await _yield()
+        except KeyError:
+            pass
+        raise LookupError("from the app")
+
+    coroutine = timed(maker, body(), monitor)
+    coroutine.send(None)
+    with pytest.raises(LookupError, match="from the app"):
+        coroutine.send(None) if how == "send" else coroutine.throw(KeyError("k"))
+    assert monitor.step_start == 0.0 and monitor.busy > 0 and not monitor.errors
+
+    async def returns() -> int:
+        return 7
+
+    with pytest.raises(StopIteration) as stop:
+        timed(maker, returns(), monitor).send(None)
+    assert stop.value.value == 7
+
+
+@pytest.mark.parametrize("maker", makers())
+def test_an_accounting_failure_is_counted_and_never_changes_the_step(maker: Any) -> None:
+    class Broken(FakeMonitor):
+        def _on_block(self, *args: Any) -> None:
+            raise RuntimeError("sink broke")
+
+    monitor = Broken(threshold=0.0)
+
+    async def body() -> str:
+        return "fine"
+
+    with pytest.raises(StopIteration) as stop:
+        timed(maker, body(), monitor).send(None)
+    assert stop.value.value == "fine"
+    assert monitor.errors == ["step accounting"]
+
+
+def test_c_timed_coroutine_runs_as_a_task() -> None:
+    c = _c()
+    monitor = FakeMonitor()
+
+    async def child() -> str:
+        await asyncio.sleep(0)
+        return "child done"
+
+    async def main() -> Any:
+        return await asyncio.get_running_loop().create_task(c.timed(child(), monitor))
+
+    assert asyncio.run(main()) == "child done"
+    assert monitor.busy > 0
+
+
+# -- Handle._run -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hook", run_hooks())
+def test_handle_hook_times_the_callback_and_charges_its_context(hook: Any) -> None:
+    run = run_hook(hook)
+    loop = asyncio.new_event_loop()
+    try:
+        monitor = FakeMonitor(threshold=0.015)
+        owner = Owner("GET", "/h")
+        ctx = contextvars.copy_context()
+        ctx.run(current_owner.set, owner)
+        calls: list[Any] = []
+
+        def callback(x: int) -> None:
+            calls.append((x, monitor.step_start))
+            time.sleep(0.02)
+
+        loop._loopwatch_monitor = monitor  # type: ignore[attr-defined]
+        run(asyncio.Handle(callback, (7,), loop, context=ctx))
+        assert calls[0][0] == 7 and calls[0][1] > 0 and monitor.step_start == 0.0
+        assert owner.busy >= 0.02 and owner.busy == pytest.approx(monitor.busy, abs=1e-9)
+        assert monitor.blocks[0][2] is owner and monitor.blocks[0][3] is callback
+
+        loop._loopwatch_monitor = None  # type: ignore[attr-defined]  # not watched
+        busy = monitor.busy
+        run(asyncio.Handle(lambda *a: calls.append(a), (1, 2, 3), loop))
+        assert calls[-1] == (1, 2, 3) and monitor.busy == busy
+    finally:
+        loop.close()
+
+
+def _failing_handle_report(run: Any, watched: bool) -> tuple[dict[str, Any], Any]:
+    loop = asyncio.new_event_loop()
+    try:
+        if watched:
+            loop._loopwatch_monitor = FakeMonitor()  # type: ignore[attr-defined]
+        errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+
+        def broken_callback(x: int) -> None:
+            raise ZeroDivisionError(f"bad {x}")
+
+        handle = asyncio.Handle(broken_callback, (5,), loop)
+        run(handle)
+        (context,) = errors
+        return context, handle
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("hook", run_hooks())
+@pytest.mark.parametrize("watched", [True, False])
+def test_handle_hook_reports_a_failing_callback_exactly_as_asyncio(hook: Any, watched: bool) -> None:
+    ours, handle = _failing_handle_report(run_hook(hook), watched)
+    original, original_handle = _failing_handle_report(_hooks._original_run, False)
+    assert ours["handle"] is handle
+    assert ours["message"] == original["message"].replace(
+        hex(id(original_handle)), hex(id(handle)))
+    assert ours.keys() == original.keys()
+    exc = ours["exception"]
+    assert isinstance(exc, ZeroDivisionError) and str(exc) == "bad 5"
+    names = [f.name for f in traceback.extract_tb(exc.__traceback__)]
+    assert names == [f.name for f in traceback.extract_tb(original["exception"].__traceback__)]
+
+
+@pytest.mark.parametrize("hook", run_hooks())
+def test_handle_hook_lets_system_exit_through(hook: Any) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        loop._loopwatch_monitor = FakeMonitor()  # type: ignore[attr-defined]
+
+        def leave() -> None:
+            raise SystemExit(3)
+
+        with pytest.raises(SystemExit):
+            run_hook(hook)(asyncio.Handle(leave, (), loop))
+    finally:
+        loop.close()
+
+
+def test_c_handle_hook_looks_like_the_function_it_replaces() -> None:
+    """Libraries inspect Handle._run (Playwright reads its __code__ at import): while the
+    hook is installed it answers as the original does, binds as a method, and says what it
+    wraps."""
+    import loopwatch
+
+    c = _c()
+    original = _hooks._original_run
+
+    async def main() -> None:
+        monitor = loopwatch.Monitor(log_blocks=False).start()
+        try:
+            run = asyncio.events.Handle._run
+            assert isinstance(run, c.HandleRun) and run.__wrapped__ is original
+            assert run.__code__ is original.__code__
+            assert run.__name__ == "_run" and run.__qualname__ == "Handle._run"
+            handle = asyncio.get_running_loop().call_soon(lambda: None)
+            assert handle._run.__self__ is handle  # a bound method
+            handle.cancel()
+        finally:
+            monitor.stop()
+        assert asyncio.events.Handle._run is original
+
+    asyncio.run(main())
+
+
+# -- the task factory (uvloop) -----------------------------------------------------------------
+
+
+def test_c_task_factory_times_plain_coroutines_and_defers_the_rest() -> None:
+    c = _c()
+    monitor = FakeMonitor()
+    deferred: list[Any] = []
+
+    def fallback(loop: Any, coro: Any, **kwargs: Any) -> Any:
+        deferred.append(coro)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    factory = c.TaskFactory(monitor, fallback, asyncio.Task)
+
+    async def child() -> int:
+        await asyncio.sleep(0)
+        return 5
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        coro = child()
+        task = factory(loop, coro)
+        assert task.get_coro() is coro  # the task's own coroutine, not the wrapper
+        assert await task == 5
+        if sys.version_info >= (3, 11):  # create_task(context=...) is 3.11's
+            task = factory(loop, child(), context=contextvars.copy_context())
+            assert await task == 5
+        # uvloop 0.22+ passes eager_start=None with every task: the C path too.
+        task = factory(loop, child(), context=None, eager_start=None)
+        assert await task == 5
+        assert deferred == []
+        if sys.version_info >= (3, 12):  # an eager start: the fallback, which passes it on
+            eager = child()
+            assert await factory(loop, eager, eager_start=True) == 5
+            assert deferred == [eager]
+            deferred.clear()
+        monitor.active = False  # a stopped monitor: the fallback, which passes through
+        other = child()
+        assert await factory(loop, other) == 5
+        assert deferred == [other]
+
+    asyncio.run(main())
+    assert monitor.busy > 0
+
+
+def test_uvloops_own_create_task_takes_the_c_factory() -> None:
+    """Whatever uvloop's create_task passes to the factory (context=, eager_start=), a plain
+    coroutine's task is made by the C factory, not by the Python fallback (uvloop 0.22 began
+    to pass eager_start=, which sent every task to the fallback: 10x the cost per task)."""
+    _c()
+    import uvloop
+
+    import loopwatch
+
+    fallback_calls: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is fallback_code:
+            fallback_calls.append(event)
+
+    async def child() -> int:
+        return 5
+
+    async def main() -> None:
+        monitor = loopwatch.Monitor(log_blocks=False).start()
+        assert type(asyncio.get_running_loop().get_task_factory()) is ctiming.TaskFactory
+        sys.setprofile(profile)
+        try:
+            for _ in range(3):
+                assert await asyncio.get_running_loop().create_task(child()) == 5
+                assert await asyncio.create_task(child()) == 5
+        finally:
+            sys.setprofile(None)
+        monitor.stop()
+
+    fallback_code = _fallback_code()
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert fallback_calls == []
+
+
+def _fallback_code() -> Any:
+    """The code object of the pure-Python factory that the C factory falls back to."""
+    for const in _hooks.make_task_factory.__code__.co_consts:
+        if isinstance(const, types.CodeType) and const.co_name == "factory":
+            return const
+    raise AssertionError("no factory in make_task_factory")
+
+
+def test_no_asyncio_type_is_changed() -> None:
+    """Monitors on uvloop shadow get_coro on their own tasks only: asyncio.Task's methods are
+    the ones it came with, and Handle._run is asyncio's own once no monitor uses it."""
+    import uvloop
+
+    import loopwatch
+
+    get_coro = asyncio.Task.__dict__["get_coro"]
+
+    async def main() -> None:
+        monitor = loopwatch.Monitor(log_blocks=False).start()
+
+        async def child() -> None:
+            await asyncio.sleep(0)
+
+        coro = child()
+        task = asyncio.get_running_loop().create_task(coro)
+        assert task.get_coro() is coro
+        await task
+        monitor.stop()
+
+    uvloop.run(main())
+    asyncio.run(main())
+    assert asyncio.Task.__dict__["get_coro"] is get_coro
+    assert asyncio.events.Handle._run is _hooks._original_run
+
+
+def test_c_step_timing_leaks_no_references() -> None:
+    c = _c()
+    monitor = FakeMonitor(threshold=0.0)  # every step a "block": the slow path too
+    owner = Owner("GET", "/leak")
+    ctx = contextvars.copy_context()
+    ctx.run(current_owner.set, owner)
+
+    async def body() -> int:
+        await _yield()
+        return 1
+
+    def broken() -> None:
+        raise KeyError("x")
+
+    loop = asyncio.new_event_loop()
+    loop.set_exception_handler(lambda _loop, _context: None)
+    loop._loopwatch_monitor = monitor  # type: ignore[attr-defined]
+    run = c.handle_run(_hooks._original_run, (asyncio.Handle, asyncio.TimerHandle))
+    assert _hooks.verify_inline(run)
+    try:
+        def cycle() -> None:
+            for _ in range(200):
+                coroutine = c.timed(body(), monitor)
+                ctx.run(coroutine.send, None)
+                with pytest.raises(StopIteration):
+                    ctx.run(coroutine.send, None)
+                run(asyncio.Handle(broken, (), loop, context=ctx))
+            monitor.blocks.clear()
+
+        cycle()
+        gc.collect()  # (a reported exception's traceback is a cycle until then)
+        before = (sys.getrefcount(monitor), sys.getrefcount(owner), sys.getrefcount(ctx),
+                  sys.getrefcount(broken))
+        for _ in range(10):
+            cycle()
+        gc.collect()
+        after = (sys.getrefcount(monitor), sys.getrefcount(owner), sys.getrefcount(ctx),
+                 sys.getrefcount(broken))
+        assert after == before
+    finally:
+        loop.close()
