@@ -163,8 +163,14 @@ def test_many_threads_and_recursion_near_the_limit(loop_kind: str) -> None:
                     assert client.get("/deep?s=0.05").status_code == 200
             monitor = loopwatch.get_monitor(server.loop)
             assert monitor is not None
-            deep_events = [e for e in monitor.blocks if e.route == "/deep"]
-            assert len(deep_events) == 5, [(e.route, e.duration, e.paused, e.gc_seconds) for e in monitor.blocks]
+            # A block is recorded as its step ends, on the loop thread, which is after the
+            # step wrote the response: the client can read the last answer first.
+            deadline = time.monotonic() + 5
+            while (len(deep_events := [e for e in monitor.blocks if e.route == "/deep"]) < 5
+                   and time.monotonic() < deadline):
+                time.sleep(0.01)
+            assert len(deep_events) == 5, [
+                (e.route, e.duration, e.paused, e.gc_seconds) for e in monitor.blocks]
             for event in deep_events:
                 assert event.duration >= 0.05
                 assert event.stack_status == "sampled" or event.stack_status.startswith(

@@ -8,10 +8,13 @@ installed.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -262,6 +265,13 @@ def test_recording_rule_names_follow_level_metric_operations() -> None:
         if "rate" in ops:
             window = re.search(r"rate(\d+[smh])", ops).group(1)
             assert all(w == window for w in re.findall(r"\[(\d+[smh])\]", expr)), name
+            # increase(x[w]) / seconds of w, not rate(): see the rule file's header and
+            # test_rate_rules_read_the_window_mean_on_victoriametrics.
+            assert "rate(" not in expr, name
+            divisors = re.findall(r"\[\d+[smh]\]\)\s*/\s*(\d+)", expr)
+            ranges = re.findall(r"\[\d+[smh]\]", expr)
+            assert len(divisors) == len(ranges), name
+            assert all(int(d) == duration_seconds(window) for d in divisors), name
         if "quantile" in level:
             assert "quantile" in rule.get("labels", {}), name
 
@@ -377,3 +387,62 @@ def test_capped_rule_files_differ_only_in_alert_holds(tmp_path: Path) -> None:
     assert "10s" in capped_fors and not any(f and duration_seconds(f) > 10 for f in capped_fors)
     with pytest.raises(ValueError, match="cannot cap"):
         cap_alert_holds("groups:\n  - rules:\n      - {alert: X, expr: up, for: 5m}\n", "10s")
+
+
+def test_rate_rules_read_the_window_mean_on_victoriametrics(tmp_path: Path) -> None:
+    """A route first blocks (0.3 s, then 0.6 s more) and the instance stops 4 s later. On a
+    real VictoriaMetrics, every per-second rule reads the window's mean (0.9 s / 60 s), as
+    Prometheus would — not the rate over the 4 s the samples span (0.15 s/s, over the blocked
+    alert's 0.1: the fleet's canary was alerted on that way)."""
+    from dashboards.stack.processes import Processes, find_binary
+    from dashboards.stack.promapi import query, wait_for
+    from harness.servers import free_port
+
+    try:
+        binary = find_binary("victoria-metrics")
+    except FileNotFoundError as exc:
+        missing(str(exc))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    processes = Processes(tmp_path)
+    processes.spawn("victoria-metrics", [
+        binary, f"-storageDataPath={tmp_path / 'data'}", f"-httpListenAddr=127.0.0.1:{port}",
+        "-search.latencyOffset=0s", "-search.disableCache",
+    ])
+    try:
+        processes.wait_ready("victoria-metrics", f"{base}/health", timeout=30)
+        t = int(time.time()) - 120  # the instance stopped at t + 6
+        target = {"job": "canary", "instance": "canary-1:8000"}
+        block = {**target, "method": "GET", "route": "/block"}
+        series = [  # (name, labels, [(seconds after t, value)])
+            ("loopwatch_event_loop_busy_seconds_total", target,
+             [(s, 0.01 * (s + 60)) for s in range(-60, 7, 2)]),
+            ("loopwatch_event_loop_block_duration_seconds_sum", block,
+             [(2, 0.3), (4, 0.9), (6, 0.9)]),
+            ("loopwatch_event_loop_block_duration_seconds_count", block,
+             [(2, 1.0), (4, 3.0), (6, 3.0)]),
+        ]
+        lines = "".join(json.dumps({
+            "metric": {"__name__": name, **labels},
+            "values": [v for _, v in points],
+            "timestamps": [(t + s) * 1000 for s, _ in points],
+        }) + "\n" for name, labels, points in series)
+        urllib.request.urlopen(f"{base}/api/v1/import", data=lines.encode(), timeout=10).close()
+        urllib.request.urlopen(f"{base}/internal/force_flush", timeout=10).close()
+        wait_for(lambda: query(base, "loopwatch_event_loop_block_duration_seconds_count",
+                               at=t + 6), timeout=30, what="the imported samples")
+        expected = {
+            "instance:loopwatch_event_loop_block_duration_seconds_sum:rate1m": 0.9 / 60,
+            "instance:loopwatch_event_loop_block_duration_seconds_count:rate1m": 3 / 60,
+        }
+        rules = {r["record"]: r["expr"] for r in recording_rules()}
+        for name, value in expected.items():
+            for after in (10, 30, 50):  # seconds after the stop, all within a window
+                result = query(base, rules[name], at=t + 6 + after)
+                assert len(result) == 1, (name, result)
+                assert float(result[0]["value"][1]) == pytest.approx(value), (name, after)
+        blocked = next(r for r in alerting_rules() if r["alert"] == "LoopwatchEventLoopBlocked")
+        threshold = float(blocked["expr"].split(">")[1])
+        assert 0.9 / 60 < threshold < 0.9 / 6  # the scenario tells the two readings apart
+    finally:
+        processes.stop_all()
