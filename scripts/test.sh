@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Set up, then run every test, as CI does: the whole suite on the newest Python the README
-# names with the compiled hot path; the loopwatch tests (all but those marked `system`: the
-# demo, dashboards, stack, fleet and browser pages, which do not depend on the hot path) again
-# on the newest Python in pure Python, and on the oldest Python both compiled and in pure
-# Python; the framework-dependent tests on the oldest FastAPI/Starlette and OpenTelemetry
+# names, with the compiled hot path and again in pure Python; the loopwatch tests (all but
+# those marked `system`: the demo, dashboards, stack, fleet and browser pages) on the oldest
+# Python, compiled and in pure Python; the framework-dependent tests on the oldest FastAPI/Starlette and OpenTelemetry
 # allowed; ruff and mypy.
 # Arguments go to every pytest run. PYTHON_OLDEST / PYTHON_NEWEST choose the interpreters.
 set -euo pipefail
@@ -38,7 +37,7 @@ run() {  # run <title> <venv> [env...] -- pytest args
 }
 
 run "everything, compiled" .venv -- "$@"
-run "loopwatch, pure Python" .venv LOOPWATCH_PURE_PYTHON=1 -- -m "not system" "$@"
+run "everything, pure Python" .venv LOOPWATCH_PURE_PYTHON=1 -- "$@"
 run "loopwatch, compiled" .venv-oldest -- -m "not system" "$@"
 run "loopwatch, pure Python" .venv-oldest LOOPWATCH_PURE_PYTHON=1 -- -m "not system" "$@"
 run "with $OLDEST_PINS" .venv-oldest-frameworks -- "$@" tests/test_routes.py \

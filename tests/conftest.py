@@ -12,7 +12,8 @@ LOOPS = ["asyncio", "uvloop"]
 
 #: Test files of what surrounds loopwatch -- the demo, the dashboards and rules, the stack and
 #: the fleet, pages in a browser -- rather than its hot path: marked ``system``. CI runs them
-#: once (newest Python, compiled path) and everything else on every Python and path.
+#: on the newest Python (compiled and pure Python) and everything else on every Python and
+#: path.
 SYSTEM_FILES = (
     "test_dashboards.py", "test_rules.py", "test_stack.py", "test_stack_compose.py",
     "test_stack_docs.py", "test_fleet.py", "test_ui_browser.py", "test_ui_screenshot.py",
