@@ -1,6 +1,6 @@
 """A uvicorn server for callgrind_server.py: one bench_apps variant plus two marker routes.
 
-    python benchmarks/_cg_server.py VARIANT LOOP PORT TIME_SCALE
+    python -m benchmarks._cg_server VARIANT LOOP PORT TIME_SCALE
 
 ``GET /_cg/zero`` calls ``os.getppid()`` and ``GET /_cg/dump`` calls ``os.getpgrp()``, which
 callgrind (``--zero-before=os_getppid --dump-before=os_getpgrp``) turns into "zero the
@@ -13,9 +13,6 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def main() -> None:
     variant, loop, port, scale = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
@@ -24,7 +21,7 @@ def main() -> None:
     import uvicorn
     from fastapi import FastAPI
 
-    import bench_apps
+    from . import bench_apps
     from loopwatch import _monitor
 
     _monitor._TICK_SECONDS = 1.0 * scale  # type: ignore[attr-defined]

@@ -19,10 +19,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from harness.servers import serve_in_subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-from harness.servers import free_port, serve_in_subprocess  # noqa: E402,F401
 BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"  # the committed reference results (read only)
 OUT = BENCH / "out"  # where benchmarks write
@@ -71,7 +70,6 @@ def machine() -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    sys.path.insert(0, str(ROOT))
     import loopwatch
 
     versions["loopwatch"] = f"{loopwatch.__version__} ({git_revision()})"
@@ -132,9 +130,9 @@ def read_result(name: str) -> dict[str, Any] | None:
 
 
 def command_line() -> str:
-    """How this script was run, relative to the repository (for the report)."""
-    script = os.path.relpath(sys.argv[0], ROOT)
-    return " ".join(["python", script, *sys.argv[1:]])
+    """How this benchmark was run (``python -m benchmarks.<name> ...``), for the report."""
+    module = os.path.splitext(os.path.relpath(sys.argv[0], ROOT))[0].replace(os.sep, ".")
+    return " ".join(["python", "-m", module, *sys.argv[1:]])
 
 
 # -- servers and HTTP -------------------------------------------------------------------
@@ -162,8 +160,9 @@ def http_get_sync(port: int, path: str, timeout: float = 30.0) -> tuple[int, byt
 
 
 def uvicorn_args(app: str, port: int, loop: str, factory: bool = True) -> list[str]:
-    """uvicorn, one worker, httptools, access log off, the app from benchmarks/."""
-    args = ["-m", "uvicorn", app, "--app-dir", str(BENCH), "--host", "127.0.0.1",
+    """uvicorn, one worker, httptools, access log off, ``app`` as ``benchmarks.<module>:<name>``
+    from the repository root."""
+    args = ["-m", "uvicorn", app, "--app-dir", str(ROOT), "--host", "127.0.0.1",
             "--port", str(port), "--loop", loop, "--http", "httptools", "--no-access-log",
             "--log-level", "warning", "--workers", "1"]
     return args + (["--factory"] if factory else [])

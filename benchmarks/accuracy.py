@@ -6,16 +6,17 @@
    event. The reported duration is compared with the injected one and with the really
    elapsed time of the injected call (the OS may oversleep), and the reported line with the
    line of the blocking call.
-2. **Attribution** (a real uvicorn server, ``bench_apps:accuracy``, threshold 20 ms): clients
-   hammer non-blocking routes while others call blocking routes (``time.sleep``, CPU-bound,
-   a block after an ``await``, a block inside an ``asyncio.gather`` child) for 30-60 ms each.
+2. **Attribution** (a real uvicorn server, ``benchmarks.bench_apps:accuracy``, threshold
+   20 ms): clients hammer non-blocking routes while others call blocking routes
+   (``time.sleep``, CPU-bound, a block after an ``await``, a block inside an
+   ``asyncio.gather`` child) for 30-60 ms each.
    The server records every real block (route, wall-clock start and end); each block event is
    matched to the real block it overlaps. Precision: events naming the route that really
    blocked / all events. Recall: real blocks reported with their route / all real blocks.
 3. **False block events under saturation**: wrk saturates the same server with non-blocking
    routes only; every block event counted is a false one.
 
-    python benchmarks/accuracy.py [--reps 5] [--mixed-seconds 20] [--saturate-seconds 10]
+    python -m benchmarks.accuracy [--reps 5] [--mixed-seconds 20] [--saturate-seconds 10]
 """
 
 from __future__ import annotations
@@ -24,19 +25,15 @@ import argparse
 import asyncio
 import inspect
 import json
-import os
 import random
 import statistics
-import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness.servers import free_port
 
-from _common import (  # noqa: E402
+from ._common import (
     command_line,
-    free_port,
     http_get,
     log,
     server,
@@ -44,9 +41,9 @@ from _common import (  # noqa: E402
     write_result,
     wrk,
 )
-from _inprocess import LOOPS  # noqa: E402
+from ._inprocess import LOOPS
 
-import loopwatch  # noqa: E402
+import loopwatch
 
 SIZES_MS = (5, 20, 50, 100, 200, 1000)
 
@@ -280,7 +277,8 @@ def served(loop: str, args: argparse.Namespace) -> dict[str, Any]:
     env = {"LOOPWATCH_BLOCK_THRESHOLD": str(args.threshold), "LOOPWATCH_RING_SIZE": "10000",
            "LOOPWATCH_LOG_BLOCKS": "false"}
     out: dict[str, Any] = {"threshold": args.threshold}
-    with server(uvicorn_args("bench_apps:accuracy", port, loop), port, env, ready="/ok/json"):
+    app = uvicorn_args("benchmarks.bench_apps:accuracy", port, loop)
+    with server(app, port, env, ready="/ok/json"):
         # Warm up, then forget what the warm-up did.
         asyncio.run(mixed_load(port, 1.0, 2, 1, seed=0))
         before = asyncio.run(fetch_json(port, "/loopwatch/events/?limit=1"))["block_count"]

@@ -1,7 +1,7 @@
 """Before and after a change, side by side in one run: per-request CPU (interleaved.py) and
 instructions (callgrind.py) of loopwatch vs bare, for two checkouts.
 
-    python benchmarks/before_after.py --before OLD_CHECKOUT --before-python ITS_PYTHON \\
+    python -m benchmarks.before_after --before OLD_CHECKOUT --before-python ITS_PYTHON \\
         [--pairs 5] [--rounds 80] [--loops asyncio,uvloop] [--no-callgrind]
 
 The earlier checkout needs its own interpreter with its dependencies and its extension built
@@ -23,19 +23,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import ROOT, command_line, log, write_result  # noqa: E402
+from ._common import ROOT, command_line, log, write_result
 
 
 def run_in(tree: Path, python: str, script: str, args: list[str]) -> dict[str, Any]:
-    """Run ``tree/benchmarks/<script>`` with ``python``; its results file (which it writes
-    under benchmarks/out/, or benchmarks/results/ in older checkouts)."""
+    """Run the benchmark ``script`` of ``tree`` with ``python`` (as ``-m benchmarks.<name>``, or
+    by its path in older checkouts, where benchmarks/ was not a package); its results file
+    (which it writes under benchmarks/out/, or benchmarks/results/ in older checkouts)."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     env.pop("LOOPWATCH_PURE_PYTHON", None)
-    subprocess.run([python, str(tree / "benchmarks" / script), *args], cwd=tree, env=env,
-                   check=True, capture_output=True, text=True)
     name = script.removesuffix(".py")
+    how = (["-m", f"benchmarks.{name}"] if (tree / "benchmarks" / "__init__.py").exists()
+           else [str(tree / "benchmarks" / script)])
+    subprocess.run([python, *how, *args], cwd=tree, env=env, check=True, capture_output=True,
+                   text=True)
     for folder in ("out", "results"):
         path = tree / "benchmarks" / folder / f"{name}.json"
         if path.exists():

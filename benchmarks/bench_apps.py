@@ -2,7 +2,7 @@
 
 Each factory builds a fresh app (its own Prometheus registry where the library allows one),
 so in-process rounds do not share state, and uvicorn can serve any of them with
-``uvicorn --app-dir benchmarks bench_apps:<factory> --factory``.
+``uvicorn benchmarks.bench_apps:<factory> --factory`` (from the repository root).
 
 ``accuracy()`` is the app of the accuracy benchmark: blocking and non-blocking routes whose
 blocking calls record what really happened (route, wall-clock start and end, line), so
@@ -147,7 +147,7 @@ ABLATIONS: dict[str, Callable[..., FastAPI]] = {
 }
 
 
-# uvicorn factories (uvicorn --factory bench_apps:<name>)
+# uvicorn factories (uvicorn --factory benchmarks.bench_apps:<name>)
 def uv_bare() -> FastAPI:
     return bare()
 
@@ -167,10 +167,10 @@ def uv_starlette_exporter() -> FastAPI:
 
 
 UVICORN_FACTORIES = {
-    "bare": "bench_apps:uv_bare",
-    "loopwatch": "bench_apps:uv_loopwatch",
-    "instrumentator": "bench_apps:uv_instrumentator",
-    "starlette-exporter": "bench_apps:uv_starlette_exporter",
+    "bare": "benchmarks.bench_apps:uv_bare",
+    "loopwatch": "benchmarks.bench_apps:uv_loopwatch",
+    "instrumentator": "benchmarks.bench_apps:uv_instrumentator",
+    "starlette-exporter": "benchmarks.bench_apps:uv_starlette_exporter",
 }
 
 

@@ -17,7 +17,7 @@ zero and dump markers (see callgrind.py); the difference divided by n is its cou
 It measures the hot path loopwatch runs: the compiled one where it was built; with
 ``LOOPWATCH_PURE_PYTHON=1`` the pure-Python one.
 
-    python benchmarks/breakdown.py [--n 4000]
+    python -m benchmarks.breakdown [--n 4000]
 """
 
 from __future__ import annotations
@@ -38,16 +38,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
 
 ZERO, DUMP = "os_getppid", "os_getpgrp"
 
 
 def child(n: int) -> None:
-    from _inprocess import _scope
-    from bench_apps import PassThrough
+    from ._inprocess import _scope
+    from .bench_apps import PassThrough
     from prometheus_client import CollectorRegistry
 
     import loopwatch
@@ -324,16 +321,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.child:
         child(args.n)
         return {}
-    from _common import callgrind_counts, command_line, log, write_result
+    from ._common import ROOT, callgrind_counts, command_line, log, write_result
 
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     out = Path(tempfile.mkdtemp(prefix="lw-breakdown-"))
     try:
         cmd = ["valgrind", "--tool=callgrind", f"--zero-before={ZERO}", f"--dump-before={DUMP}",
-               f"--callgrind-out-file={out}/cg.%p", sys.executable, os.path.abspath(__file__),
+               f"--callgrind-out-file={out}/cg.%p", sys.executable, "-m", "benchmarks.breakdown",
                "--child", "--n", str(args.n)]
-        proc = subprocess.run(cmd, capture_output=True, text=True,
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                               env={**os.environ, "PYTHONHASHSEED": "0"})
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-3000:])

@@ -28,7 +28,7 @@ instruction- and data-cache misses and the mispredicted branches: the work that 
 without being instructions. The simulated machine is callgrind's model of this CPU's caches
 (one process alone on them), so these are indications of where the time goes, not timings.
 
-    python benchmarks/callgrind.py [--requests 80] [--repeats 2] [--loops asyncio,uvloop]
+    python -m benchmarks.callgrind [--requests 80] [--repeats 2] [--loops asyncio,uvloop]
                                    [--cache-sim]
 """
 
@@ -49,9 +49,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
 
 ZERO, DUMP = "os_getppid", "os_getpgrp"
 #: With --cache-sim: first-level instruction-cache read misses, data-cache read and write
@@ -63,8 +60,8 @@ LOOP_WORK = 4000  # callbacks or task steps per (short) segment
 
 
 def child(args: argparse.Namespace) -> None:
-    import bench_apps
-    from _inprocess import LOOPS, Lifespan, drive, item_path
+    from . import bench_apps
+    from ._inprocess import LOOPS, Lifespan, drive, item_path
 
     import loopwatch
     from loopwatch import _monitor
@@ -153,7 +150,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_loop(loop: str, variants: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    from _common import callgrind_events
+    from ._common import ROOT, callgrind_events
 
     out = Path(args.keep, loop) if args.keep else Path(tempfile.mkdtemp(prefix="lw-callgrind-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -162,14 +159,14 @@ def run_loop(loop: str, variants: list[str], args: argparse.Namespace) -> dict[s
             "valgrind", "--tool=callgrind", f"--zero-before={ZERO}", f"--dump-before={DUMP}",
             f"--callgrind-out-file={out}/cg.%p",
         ] + (["--cache-sim=yes", "--branch-sim=yes"] if args.cache_sim else []) + [
-            sys.executable, os.path.abspath(__file__), "--child", "--loop", loop,
+            sys.executable, "-m", "benchmarks.callgrind", "--child", "--loop", loop,
             "--variants", ",".join(variants), "--requests", str(args.requests),
             "--warmup", str(args.warmup), "--concurrency", str(args.concurrency),
             "--repeats", str(args.repeats), "--time-scale", str(args.time_scale),
         ] + (["--light"] if args.light else [])
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         t = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if proc.returncode != 0:
             raise RuntimeError(f"callgrind run failed:\n{proc.stderr[-3000:]}")
         segments = json.loads(proc.stdout.split("SEGMENTS ", 1)[1])
@@ -243,8 +240,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         child(args)
         return {}
 
-    import bench_apps
-    from _common import command_line, log, write_result
+    from . import bench_apps
+    from ._common import command_line, log, write_result
 
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")

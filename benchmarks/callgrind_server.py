@@ -9,7 +9,7 @@ request, everything included: parsing, the event loop, the app, the middleware, 
 watchdog thread. loopwatch's timers are stretched by ``--time-scale`` as in callgrind.py.
 Servers run two at a time (counts do not depend on load).
 
-    python benchmarks/callgrind_server.py [--requests 100] [--repeats 2]
+    python -m benchmarks.callgrind_server [--requests 100] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness.servers import free_port
 
-from _common import (  # noqa: E402
-    BENCH,
+from ._common import (
+    ROOT,
     callgrind_counts,
     command_line,
-    free_port,
     http_get,
     log,
     write_result,
@@ -65,9 +64,10 @@ def serve(variant: str, loop: str, args: argparse.Namespace) -> dict[str, Any]:
     errfile = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--zero-before=os_getppid", "--dump-before=os_getpgrp",
-         f"--callgrind-out-file={out}/cg.%p", sys.executable, str(BENCH / "_cg_server.py"),
+         f"--callgrind-out-file={out}/cg.%p", sys.executable, "-m", "benchmarks._cg_server",
          variant, loop, str(port), str(args.time_scale)],
-        stdout=subprocess.DEVNULL, stderr=errfile, env={**os.environ, "PYTHONHASHSEED": "0"})
+        stdout=subprocess.DEVNULL, stderr=errfile, env={**os.environ, "PYTHONHASHSEED": "0"},
+        cwd=ROOT)
     t = time.monotonic()
     try:
         while True:

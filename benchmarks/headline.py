@@ -1,6 +1,6 @@
 """The article's headline, measured: 100 users on a 500 ms upstream, awaited vs blocking.
 
-    .venv/bin/python benchmarks/headline.py [--users 100] [--delay-ms 500] [--cap-seconds 10]
+    .venv/bin/python -m benchmarks.headline [--users 100] [--delay-ms 500] [--cap-seconds 10]
 
 It starts the upstream simulator and demo processes (``python -m demo_app --no-upstream``,
 watched by loopwatch) on loopback, then measures:
@@ -51,10 +51,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.servers import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-from harness.servers import free_port  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "headline.json"
 #: httpx's default, and the article's: connections kept open between bursts.

@@ -26,7 +26,7 @@ What differs from a process that runs only one variant, and which way it leans:
   block threshold is set to 60 s here (``LOOPWATCH_BLOCK_THRESHOLD``): the per-request code is
   the same whatever the threshold, and no event is made out of a pause.
 
-    python benchmarks/interleaved.py [--batch 300] [--rounds 400] [--loops asyncio,uvloop]
+    python -m benchmarks.interleaved [--batch 300] [--rounds 400] [--loops asyncio,uvloop]
                                      [--variants bare,loopwatch,instrumentator]
 """
 
@@ -38,19 +38,16 @@ import gc
 import math
 import os
 import statistics
-import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A paused loop is no block (see above); set before bench_apps builds any config.
 os.environ["LOOPWATCH_BLOCK_THRESHOLD"] = "60"
 
-import bench_apps  # noqa: E402
-from _common import command_line, log, summary, write_result  # noqa: E402
-from _inprocess import LOOPS, Lifespan, drive, item_path  # noqa: E402
+from . import bench_apps
+from ._common import command_line, log, summary, write_result
+from ._inprocess import LOOPS, Lifespan, drive, item_path
 
 
 def median_interval(xs: list[float]) -> tuple[float, float]:

@@ -8,7 +8,7 @@ cache would grow with them. RSS (from /proc/self/statm) is sampled after the fir
 requests and then every 100,000; the growth after the first 10,000 must stay under 5 MiB.
 At the end: how many label sets the metrics hold, and the size of the exposition.
 
-    python benchmarks/memory.py [--requests 1000000] [--every 100000]
+    python -m benchmarks.memory [--requests 1000000] [--every 100000]
 """
 
 from __future__ import annotations
@@ -17,19 +17,15 @@ import argparse
 import asyncio
 import gc
 import os
-import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ._common import command_line, log, write_result
+from ._inprocess import LOOPS, Lifespan, drive
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, generate_latest
 
-from _common import command_line, log, write_result  # noqa: E402
-from _inprocess import LOOPS, Lifespan, drive  # noqa: E402
-from fastapi import FastAPI  # noqa: E402
-from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
-
-import loopwatch  # noqa: E402
+import loopwatch
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024

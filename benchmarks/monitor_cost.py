@@ -11,27 +11,22 @@ uvloop:
   on a route that awaits ``asyncio.sleep(0)`` 1, 10 or 100 times (50 requests in flight), and
   with 1, 100 or 1,000 requests in flight (1 await each), driven in process.
 
-    python benchmarks/monitor_cost.py [--rounds 5] [--idle-seconds 3]
+    python -m benchmarks.monitor_cost [--rounds 5] [--idle-seconds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from . import bench_apps
+from ._common import command_line, log, paired_diff, summary, write_result
+from ._inprocess import LOOPS, run_app
 
-import bench_apps  # noqa: E402
-from _common import command_line, log, paired_diff, summary, write_result  # noqa: E402
-from _inprocess import LOOPS, run_app  # noqa: E402
-
-import loopwatch  # noqa: E402
+import loopwatch
 
 
 def run(kind: str, coro_fn: Callable[[], Any], monitored: bool) -> Any:

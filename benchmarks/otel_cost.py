@@ -2,7 +2,7 @@
 with Prometheus only, in one process (interleaved.py's method: short alternating batches,
 main-thread CPU time, medians over rounds).
 
-    python benchmarks/otel_cost.py [--batch 300] [--rounds 200] [--loops asyncio,uvloop]
+    python -m benchmarks.otel_cost [--batch 300] [--rounds 200] [--loops asyncio,uvloop]
 
 Variants: bare FastAPI; loopwatch (Prometheus only); loopwatch with ``meter_provider=`` the
 OpenTelemetry API's no-op provider (loopwatch's own part of the export: keeping each request,
@@ -15,15 +15,11 @@ benchmarks/out/otel_cost.json.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import interleaved  # noqa: E402  (sets the block threshold for paused loops)
-from _common import command_line, log, write_result  # noqa: E402
+from . import interleaved  # (sets the block threshold for paused loops)
+from ._common import command_line, log, write_result
 
 VARIANTS = ["bare", "loopwatch", "loopwatch-otel-noop", "loopwatch-otel"]
 

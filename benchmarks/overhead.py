@@ -9,23 +9,18 @@ report gives medians, interquartile ranges, and the per-round differences to bar
 
 ``--ablations`` adds variants that switch parts of loopwatch off, to see where its cost goes.
 
-    python benchmarks/overhead.py [--requests 3000] [--rounds 15] [--loops asyncio,uvloop]
+    python -m benchmarks.overhead [--requests 3000] [--rounds 15] [--loops asyncio,uvloop]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import bench_apps  # noqa: E402
-from _common import command_line, log, paired_diff, summary, write_result  # noqa: E402
-from _inprocess import run_app  # noqa: E402
+from . import bench_apps
+from ._common import command_line, log, paired_diff, summary, write_result
+from ._inprocess import run_app
 
 COMPETITORS = ("instrumentator", "starlette-exporter")
 

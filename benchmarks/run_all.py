@@ -1,6 +1,6 @@
 """Run every benchmark and write the performance report.
 
-    python benchmarks/run_all.py [--quick] [--only overhead,accuracy,...] [--no-report]
+    python -m benchmarks.run_all [--quick] [--only overhead,accuracy,...] [--no-report]
 
 Writes benchmarks/out/*.json, and (report.py) benchmarks/out/img/*.png and the figures
 section of benchmarks/out/performance.md: nothing tracked (``report.py --docs`` writes into
@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import subprocess
 import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import BENCH, ROOT, loadavg, log, write_result  # noqa: E402
+from ._common import ROOT, loadavg, log, write_result
 
 FULL: dict[str, list[str]] = {
     "overhead": ["--requests", "3000", "--rounds", "25"],
@@ -60,7 +57,7 @@ PARALLEL = ("callgrind", "callgrind_server", "memory", "breakdown")
 
 
 def command(name: str, args: list[str]) -> str:
-    return " ".join(["python", f"benchmarks/{name}.py", *args])
+    return " ".join(["python", "-m", f"benchmarks.{name}", *args])
 
 
 def main() -> None:
@@ -87,7 +84,7 @@ def main() -> None:
         step = {"name": name, "command": command(name, argv), "loadavg_before": loadavg(),
                 "started": time.monotonic()}
         log(f"\n=== {step['command']}  (load {step['loadavg_before']})")
-        proc = subprocess.Popen([sys.executable, str(BENCH / f"{name}.py"), *argv], cwd=ROOT)
+        proc = subprocess.Popen([sys.executable, "-m", f"benchmarks.{name}", *argv], cwd=ROOT)
         return proc, step
 
     def finish(proc: subprocess.Popen[bytes], step: dict[str, Any]) -> None:
@@ -120,12 +117,12 @@ def main() -> None:
             "commands": {s["name"]: s["command"] for s in steps},
             "failures": failures,
         }
-        write_result("run_all", run, "python benchmarks/run_all.py" +
+        write_result("run_all", run, "python -m benchmarks.run_all" +
                      (" --quick" if args.quick else ""))
     else:
         log("\n(--only: benchmarks/out/run_all.json left as it was)")
     if not args.no_report:
-        subprocess.run([sys.executable, str(BENCH / "report.py")], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "benchmarks.report"], cwd=ROOT, check=True)
     log(f"\ndone in {(time.monotonic() - t0) / 60:.1f} min"
         + (f"; FAILED: {', '.join(failures)}" if failures else ""))
     if failures:

@@ -8,7 +8,7 @@ per second, p50 and p99 latency, and the server's own CPU time per request (from
 /proc/<pid>/stat, which is less sensitive to wrk sharing the two cores). Medians over rounds,
 ratios to bare.
 
-    python benchmarks/wrk_overhead.py [--rounds 3] [--seconds 10] [--loops asyncio,uvloop]
+    python -m benchmarks.wrk_overhead [--rounds 3] [--seconds 10] [--loops asyncio,uvloop]
 """
 
 from __future__ import annotations
@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness.servers import free_port
 
-from _common import (  # noqa: E402
+from ._common import (
     command_line,
-    free_port,
     log,
     server,
     summary,
@@ -31,7 +29,7 @@ from _common import (  # noqa: E402
     write_result,
     wrk,
 )
-from bench_apps import UVICORN_FACTORIES  # noqa: E402
+from .bench_apps import UVICORN_FACTORIES
 
 PATH = "/items/1"
 _TICK = os.sysconf("SC_CLK_TCK")

@@ -1,4 +1,4 @@
-"""``benchmarks/headline.py`` as documented: running it never rewrites a tracked file."""
+"""``python -m benchmarks.headline`` as documented: running it never rewrites a tracked file."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_headline_benchmark_writes_where_git_ignores_it() -> None:
-    done = subprocess.run([sys.executable, "benchmarks/headline.py", "--help"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "benchmarks.headline", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     match = re.search(r"--json JSON\s+default:\s+(\S+)", done.stdout)
