@@ -12,7 +12,7 @@ import asyncio
 import logging
 import weakref
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -21,7 +21,7 @@ from ._metrics import LoopWatchMetrics, RequestSeries, metrics_for
 from ._monitor import Monitor
 from ._otel import OtelMetrics
 from ._accel import request
-from ._request import RequestOwner, RequestPath
+from ._request import RequestOwner
 from ._routes import RouteIndex, method_label
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,13 +35,7 @@ _loop_or_none = asyncio.events._get_running_loop
 _FAST_LIMIT = 10_000
 
 
-if TYPE_CHECKING:  # the type checker reads the Python source of the per-request path
-    _RequestPath = RequestPath
-else:  # at run time, the one _accel chose: the same source, compiled where it was built
-    _RequestPath = request.RequestPath
-
-
-class LoopWatchMiddleware(_RequestPath):
+class LoopWatchMiddleware(request.RequestPath):  # type: ignore[misc]
     """Measures every HTTP request's event-loop blocking time and exports loop health.
 
     ``app.add_middleware(loopwatch.LoopWatchMiddleware)`` is all it takes. The loop monitor
@@ -59,7 +53,6 @@ class LoopWatchMiddleware(_RequestPath):
     def __init__(
         self,
         app: ASGIApp,
-        /,
         *,
         registry: CollectorRegistry | None = None,
         meter_provider: Any = None,
@@ -128,7 +121,7 @@ class LoopWatchMiddleware(_RequestPath):
 
     # The ASGI app: RequestPath's, the per-request path (see _request), compiled where it was
     # built; to inspection (uvicorn, Starlette) an async def.
-    __call__ = _RequestPath._serve
+    __call__ = request.RequestPath._serve
 
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Lifespan (which starts and stops the monitor), WebSocket, anything else: passed
