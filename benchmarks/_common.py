@@ -129,10 +129,14 @@ def read_result(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text())  # type: ignore[no-any-return]
 
 
+def command(name: str, args: Sequence[str]) -> str:
+    """The command that runs benchmark ``name`` with ``args``, as docs and results print it."""
+    return " ".join(["python", "-m", f"benchmarks.{name}", *args])
+
+
 def command_line() -> str:
-    """How this benchmark was run (``python -m benchmarks.<name> ...``), for the report."""
-    module = os.path.splitext(os.path.relpath(sys.argv[0], ROOT))[0].replace(os.sep, ".")
-    return " ".join(["python", "-m", module, *sys.argv[1:]])
+    """How this benchmark was run, for the report."""
+    return command(Path(sys.argv[0]).stem, sys.argv[1:])
 
 
 # -- servers and HTTP -------------------------------------------------------------------

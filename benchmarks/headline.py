@@ -53,9 +53,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness.servers import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+from ._common import OUT as OUT_DIR
+from ._common import ROOT
 
-OUT = ROOT / "benchmarks" / "out" / "headline.json"
+
+OUT = OUT_DIR / "headline.json"
 #: httpx's default, and the article's: connections kept open between bursts.
 KEEPALIVE = 20
 

@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from ._common import ROOT, loadavg, log, write_result
+from ._common import ROOT, command, loadavg, log, write_result
 
 FULL: dict[str, list[str]] = {
     "overhead": ["--requests", "3000", "--rounds", "25"],
@@ -54,10 +54,6 @@ QUICK: dict[str, list[str]] = {
 }
 SEQUENTIAL = ("overhead", "wrk_overhead", "monitor_cost", "accuracy", "headline")
 PARALLEL = ("callgrind", "callgrind_server", "memory", "breakdown")
-
-
-def command(name: str, args: list[str]) -> str:
-    return " ".join(["python", "-m", f"benchmarks.{name}", *args])
 
 
 def main() -> None:
