@@ -8,11 +8,14 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from ._stacks import MAX_FRAMES
 
-__all__ = ["Config"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["Config", "ConfigOptions"]
 
 _MIN_PROBE_INTERVAL = 0.001  # a probe more often than this would keep the loop busy itself
 
@@ -45,6 +48,21 @@ _OPTIONS: dict[str, _Option] = {
     "log_blocks": _Option(bool, True, allowed="True or False"),
     "sample_stacks": _Option(bool, True, allowed="True or False"),
 }
+
+
+
+class ConfigOptions(TypedDict, total=False):
+    """The options of :class:`Config` as keyword arguments, for the type checker: every
+    ``**options`` of loopwatch (``Config``, ``LoopWatchMiddleware``, ``Monitor``, ``watch``)
+    is typed by it. The same names as ``_OPTIONS`` (a test holds the two together)."""
+
+    block_threshold: float
+    probe_interval: float
+    stack_depth: int
+    ring_size: int
+    log_blocks: bool
+    sample_stacks: bool
+
 
 _ENV_PREFIX = "LOOPWATCH_"
 logger = logging.getLogger("loopwatch")
@@ -81,7 +99,7 @@ class Config:
     log_blocks: bool
     sample_stacks: bool
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, **options: Unpack[ConfigOptions]) -> None:
         unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:
             raise ValueError(
@@ -99,7 +117,9 @@ class Config:
             )
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Unpack[ConfigOptions]
+    ) -> Config:
         """Build a config from ``LOOPWATCH_*`` environment variables, then ``overrides``.
 
         ``LOOPWATCH_BLOCK_THRESHOLD=0.05`` sets ``block_threshold``, and so on. A bad value
@@ -134,7 +154,7 @@ class Config:
                 raise ValueError(f"{exc} (set from environment: {variables})") from None
             raise
 
-    def replace(self, **changes: Any) -> Config:
+    def replace(self, **changes: Unpack[ConfigOptions]) -> Config:
         """A copy with some options changed, validated like a new config."""
         options = {name: getattr(self, name) for name in _OPTIONS}
         options.update(changes)

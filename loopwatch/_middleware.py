@@ -12,11 +12,11 @@ import asyncio
 import logging
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from ._config import Config
+from ._config import Config, ConfigOptions
 from ._metrics import LoopWatchMetrics, RequestSeries, metrics_for
 from ._monitor import Monitor
 from ._otel import OtelMetrics
@@ -24,6 +24,9 @@ from ._accel import request
 from ._request import RequestOwner
 from ._routes import RouteIndex, method_label
 from ._types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["LoopWatchMiddleware"]
 
@@ -58,7 +61,7 @@ class LoopWatchMiddleware(request.RequestPath):  # type: ignore[misc]
         meter_provider: Any = None,
         exclude_paths: Iterable[str] = ("/metrics",),
         config: Config | None = None,
-        **options: Any,
+        **options: Unpack[ConfigOptions],
     ) -> None:
         self.app = app
         if config is not None and options:

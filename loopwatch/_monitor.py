@@ -21,12 +21,12 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _gc
 from ._accel import StepState
 from ._attribution import AnyOwner, current_owner
-from ._config import Config
+from ._config import Config, ConfigOptions
 from ._events import BlockEvent
 from ._hints import GIL_HINT, PAUSE_HINT
 from ._hooks import (
@@ -37,6 +37,9 @@ from ._hooks import (
 )
 from ._sched import Mark, SchedReader, inside, open_reader
 from ._watchdog import DEAD, DISABLED, GIL_HELD, NOT_SAMPLED, Sample, Watchdog
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["PAUSED_ROUTE", "Monitor", "Sink", "get_monitor"]
 
@@ -149,7 +152,7 @@ class Monitor(StepState):
         *,
         config: Config | None = None,
         meter_provider: Any = None,
-        **options: Any,
+        **options: Unpack[ConfigOptions],
     ) -> None:
         if config is not None and options:
             raise ValueError("loopwatch: pass either config= or options, not both")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING
 
-from ._config import Config
+from ._config import Config, ConfigOptions
 from ._events import BlockEvent
 from ._monitor import Monitor, get_monitor
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Watch", "watch"]
 
@@ -160,7 +163,7 @@ class Watch:
                 f"max_lag={self.max_lag:.4f}s>")
 
 
-def watch(**options: Any) -> Watch:
+def watch(**options: Unpack[ConfigOptions]) -> Watch:
     """Watch the running loop for the duration of an ``async with`` block.
 
     ``options`` are those of :class:`~loopwatch.Config` and are validated here, when the

@@ -1,9 +1,20 @@
 from __future__ import annotations
 
+import typing
+
 import pytest
 
 import loopwatch
 from loopwatch import Config
+
+
+def test_the_typed_options_are_the_options() -> None:
+    # ConfigOptions types every **options for the type checker; _OPTIONS validates them.
+    from loopwatch._config import _OPTIONS, ConfigOptions
+
+    hints = typing.get_type_hints(ConfigOptions)
+    assert list(hints) == list(_OPTIONS)
+    assert {name: option.kind for name, option in _OPTIONS.items()} == hints
 
 
 def test_defaults() -> None:
