@@ -69,9 +69,8 @@ static inline void pending_restore(Pending *p)
 static PyObject *owner_var;   /* the ContextVar holding the current owner */
 static PyTypeObject *owner_type; /* another type laid out as OwnerState (configure()) */
 static PyObject *s_on_block, *s_internal_error, *s_accounting, *s_monitor_attr, *s_loop,
-    *s_context, *s_callback, *s_args, *s_get, *s_busy, *s_step_start, *s_threshold, *s_throw,
-    *s_close, *s_await, *s_get_coro, *s_context_kw, *s_eager_start_kw, *kw_loop,
-    *kw_loop_context;
+    *s_context, *s_callback, *s_args, *s_get, *s_busy, *s_throw, *s_close, *s_await,
+    *s_get_coro, *s_context_kw, *s_eager_start_kw, *kw_loop, *kw_loop_context;
 
 /* The clock of time.perf_counter(), the one the watchdog thread compares step_start with. */
 #if defined(__linux__)
@@ -165,14 +164,10 @@ fast_owner(PyObject *owner)
     return Py_TYPE(owner) == owner_type || PyObject_TypeCheck(owner, &OwnerStateType);
 }
 
-/* owner.busy += dt */
+/* owner.busy += dt, by attribute (an owner that is no OwnerState) */
 static int
 charge(PyObject *owner, double dt)
 {
-    if (LIKELY(fast_owner(owner))) {
-        ((OwnerState *)owner)->busy += dt;
-        return 0;
-    }
     PyObject *busy = PyObject_GetAttr(owner, s_busy);
     if (busy == NULL) {
         return -1;
@@ -213,25 +208,23 @@ report_block(PyObject *mon, double t0, double dt, PyObject *owner, PyObject *wha
 static void
 account(StepState *state, double t0, double dt, PyObject *owner, PyObject *what)
 {
-    int owner_charged = 0;
+    int slow_owner = 0;
     state->step_start = 0.0;
     state->busy += dt;
-    if (owner == Py_None && LIKELY(dt < state->threshold)) {
-        return;
-    }
-    if (owner != Py_None && LIKELY(fast_owner(owner))) {
-        ((OwnerState *)owner)->busy += dt;
-        if (LIKELY(dt < state->threshold)) {
-            return;
+    if (owner != Py_None) {
+        if (LIKELY(fast_owner(owner))) {
+            ((OwnerState *)owner)->busy += dt;
         }
-        owner_charged = 1;
+        else {
+            slow_owner = 1;
+        }
+    }
+    if (LIKELY(!slow_owner && dt < state->threshold)) {
+        return;
     }
     Pending pending;
     pending_save(&pending);
-    int rc = 0;
-    if (owner != Py_None && !owner_charged) {
-        rc = charge(owner, dt);
-    }
+    int rc = slow_owner ? charge(owner, dt) : 0;
     if (rc == 0 && dt >= state->threshold) {
         rc = report_block((PyObject *)state, t0, dt, owner, what);
     }
@@ -290,7 +283,7 @@ context_owner(PyObject *ctx)
 typedef struct {
     PyObject_HEAD
     PyObject *original;     /* asyncio.events.Handle._run */
-    int inline_run;         /* run the callback here (set by verify_inline()) */
+    char inline_run;        /* run the callback here (set by verify_inline()) */
     vectorcallfunc vectorcall;
 } HandleRun;
 
@@ -582,22 +575,10 @@ hr_dealloc(HandleRun *self)
     PyObject_GC_Del(self);
 }
 
-/* run_inline(flag): whether this hook runs callbacks itself (the caller has checked that doing
- * so answers exactly as the original does: _hooks.verify_inline) */
-static PyObject *
-hr_set_inline(HandleRun *self, PyObject *flag)
-{
-    int truth = PyObject_IsTrue(flag);
-    if (truth < 0) {
-        return NULL;
-    }
-    self->inline_run = truth;
-    Py_RETURN_NONE;
-}
-
-static PyMethodDef hr_methods[] = {
-    {"_set_inline", (PyCFunction)hr_set_inline, METH_O,
-     "Run callbacks here (True) or through the original (False)."},
+static PyMemberDef hr_members[] = {
+    {"_inline", T_BOOL, offsetof(HandleRun, inline_run), 0,
+     "Whether callbacks run here (True: _hooks.verify_inline saw that this answers exactly "
+     "as the original) or through the original."},
     {NULL},
 };
 
@@ -612,7 +593,7 @@ static PyTypeObject HandleRunType = {
     .tp_vectorcall_offset = offsetof(HandleRun, vectorcall),
     .tp_descr_get = hr_descr_get,
     .tp_getattro = (getattrofunc)hr_getattro,
-    .tp_methods = hr_methods,
+    .tp_members = hr_members,
     .tp_repr = (reprfunc)hr_repr,
     .tp_traverse = (traverseproc)hr_traverse,
     .tp_dealloc = (destructor)hr_dealloc,
@@ -793,18 +774,7 @@ make_timed(PyObject *coro, PyObject *monitor)
     return (PyObject *)self;
 }
 
-static PyObject *
-tc_new(PyTypeObject *Py_UNUSED(type), PyObject *args, PyObject *kwds)
-{
-    PyObject *coro, *monitor;
-    static char *kwlist[] = {"coro", "monitor", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:TimedCoroutine", kwlist, &coro, &monitor)) {
-        return NULL;
-    }
-    return make_timed(coro, monitor);
-}
-
-/* timed(coro, monitor): a TimedCoroutine, without the cost of a type call */
+/* timed(coro, monitor): a TimedCoroutine (the type has no constructor of its own) */
 static PyObject *
 timed(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -850,11 +820,6 @@ static PyMethodDef tc_methods[] = {
     {NULL},
 };
 
-static PyMemberDef tc_members[] = {
-    {"_coro", T_OBJECT, offsetof(TimedCoroutine, coro), READONLY, NULL},
-    {NULL},
-};
-
 static PyAsyncMethods tc_as_async = {
     .am_await = (unaryfunc)tc_await,
     .am_send = (sendfunc)tc_am_send,
@@ -866,7 +831,6 @@ static PyTypeObject TimedCoroutineType = {
     .tp_doc = "Wraps a task's coroutine and times each step (where Handle._run is not used).",
     .tp_basicsize = sizeof(TimedCoroutine),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_new = tc_new,
     .tp_dealloc = (destructor)tc_dealloc,
     .tp_traverse = (traverseproc)tc_traverse,
     .tp_clear = (inquiry)tc_clear,
@@ -875,7 +839,6 @@ static PyTypeObject TimedCoroutineType = {
     .tp_repr = (reprfunc)tc_repr,
     .tp_call = (ternaryfunc)tc_call,
     .tp_methods = tc_methods,
-    .tp_members = tc_members,
     .tp_weaklistoffset = offsetof(TimedCoroutine, weakreflist),
 };
 
@@ -1085,8 +1048,6 @@ PyInit__ctiming(void)
     INTERN(s_args, "_args");
     INTERN(s_get, "get");
     INTERN(s_busy, "busy");
-    INTERN(s_step_start, "step_start");
-    INTERN(s_threshold, "threshold");
     INTERN(s_throw, "throw");
     INTERN(s_close, "close");
     INTERN(s_await, "__await__");

@@ -140,12 +140,12 @@ def verify_inline(hook: Any) -> bool:
 
     try:
         expected = outcome(_original_run)
-        hook._set_inline(True)
+        hook._inline = True
         inline = outcome(hook)
     except Exception:  # noqa: BLE001 - anything odd: not inline
         inline = None
     same = inline == expected
-    hook._set_inline(same)
+    hook._inline = same
     return same
 
 
