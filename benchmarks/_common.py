@@ -64,7 +64,7 @@ def git_revision() -> str:
 
 
 def machine() -> dict[str, Any]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
@@ -110,23 +110,17 @@ def paired_diff(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
 
 def write_result(name: str, data: dict[str, Any], command: str) -> Path:
     """Write into benchmarks/out/ (not tracked): running a benchmark never changes the
-    reference results committed in benchmarks/results/ (copy them there by hand)."""
+    reference results committed in benchmarks/results/ (copy them there by hand). A result
+    the report reads is then read back as its record (``_results``): ``ValueError`` if the
+    report could not read it."""
+    from ._results import check
+
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{name}.json"
     payload = {"command": command, "machine": machine(), **data}
     path.write_text(json.dumps(payload, indent=2) + "\n")
+    check(name, path)
     return path
-
-
-def read_result(name: str) -> dict[str, Any] | None:
-    """The newest results of a benchmark: this checkout's own run (benchmarks/out/), else
-    the committed reference (benchmarks/results/)."""
-    path = OUT / f"{name}.json"
-    if not path.exists():
-        path = RESULTS / f"{name}.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())  # type: ignore[no-any-return]
 
 
 def command(name: str, args: Sequence[str]) -> str:

@@ -55,6 +55,7 @@ from harness.servers import free_port
 
 from ._common import OUT as OUT_DIR
 from ._common import ROOT
+from ._results import Headline, read
 
 
 OUT = OUT_DIR / "headline.json"
@@ -592,6 +593,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
+    read(Headline, args.json)  # the report can read it
     print(f"\nwritten to {args.json}")
 
 

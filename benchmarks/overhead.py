@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--driver", choices=("task", "inline"), default="task")
     parser.add_argument("--ablations", action="store_true",
                         help="also run loopwatch with parts switched off")
-    parser.add_argument("--name", default="overhead", help="results/<name>.json")
+    parser.add_argument("--name", default="overhead", help="benchmarks/out/<name>.json")
     args = parser.parse_args(argv)
 
     names = list(bench_apps.VARIANTS)

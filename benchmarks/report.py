@@ -16,12 +16,27 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from ._common import IMG, OUT, ROOT, read_result
+
+from ._common import IMG, OUT, ROOT
+from ._results import (
+    Accuracy,
+    Breakdown,
+    Callgrind,
+    CallgrindServer,
+    Headline,
+    Machine,
+    Memory,
+    MonitorCost,
+    Overhead,
+    Result,
+    RunAll,
+    WrkOverhead,
+    load,
+)
 
 DOC = ROOT / "docs" / "performance.md"
 #: Where report() writes: benchmarks/out/ unless --docs (set by main()).
@@ -55,14 +70,13 @@ def table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(out)
 
 
-def command_of(name: str, res: dict[str, Any] | None, run: dict[str, Any] | None) -> str:
+def command_of(res: Result, run: RunAll | None) -> str:
     """How these results were made; flags results older than the last run_all."""
-    command = (res or {}).get("command", f"python benchmarks/{name}.py")
-    made = (res or {}).get("machine", {}).get("time")
-    if run and made and made < run["started"]:
-        return (f"`{command}` (*these results are from an earlier run, {made}, not from "
-                f"`{run['command']}`*)")
-    return f"`{command}`"
+    made = res.machine.time
+    if run and made and made < run.started:
+        return (f"`{res.command}` (*these results are from an earlier run, {made}, not from "
+                f"`{run.command}`*)")
+    return f"`{res.command}`"
 
 
 def save(fig: Any, name: str) -> str:
@@ -109,22 +123,21 @@ def grouped(ax: Any, data: dict[str, dict[str, tuple[float, float, float]]], yla
 
 # -- sections ----------------------------------------------------------------------------
 
-def machine_section(run: dict[str, Any] | None, any_result: dict[str, Any]) -> str:
-    m = (run or {}).get("machine") or any_result.get("machine", {})
-    pk = m.get("packages", {})
+def machine_section(run: RunAll | None, any_result: Result | None) -> str:
+    m = run.machine if run else any_result.machine if any_result else Machine()
     rows = [
-        ("CPU", f"{m.get('cpu')} ({m.get('cores')} cores visible)"),
-        ("Python", f"{m.get('python')} ({m.get('python_build', '')})"),
-        ("OS", m.get("platform")),
-        ("packages", ", ".join(f"{k} {v}" for k, v in pk.items() if v)),
+        ("CPU", f"{m.cpu} ({m.cores} cores visible)"),
+        ("Python", f"{m.python} ({m.python_build})"),
+        ("OS", m.platform),
+        ("packages", ", ".join(f"{k} {v}" for k, v in m.packages.items() if v)),
     ]
     if run:
         rows += [
-            ("run", f"`{run['command']}` ({run['mode']}), {run['started']} → {run['finished']}, "
-                    f"{run['seconds'] / 60:.1f} min"),
+            ("run", f"`{run.command}` ({run.mode}), {run.started} → {run.finished}, "
+                    f"{run.seconds / 60:.1f} min"),
             ("load average (1/5/15 min)",
-             "; ".join(f"{step['name']}: {_la(step['loadavg_before'])}"
-                       for step in run["steps"]) + f"; after the run: {_la(run['loadavg_end'])}"),
+             "; ".join(f"{step.name}: {_la(step.loadavg_before)}"
+                       for step in run.steps) + f"; after the run: {_la(run.loadavg_end)}"),
         ]
     return table(("", ""), rows)
 
@@ -133,94 +146,86 @@ def _la(xs: Sequence[float]) -> str:
     return "/".join(f"{x:.2f}" for x in xs) if xs else "n/a"
 
 
-def overhead_section(run: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
-    ov, cg, wk = read_result("overhead"), read_result("callgrind"), read_result("wrk_overhead")
-    cs = read_result("callgrind_server")
+def overhead_section(run: RunAll | None) -> tuple[str, dict[str, Any]]:
+    ov, cg, wk = load(Overhead), load(Callgrind), load(WrkOverhead)
+    cs = load(CallgrindServer)
     facts: dict[str, Any] = {}
     parts = []
     fig, grid = plt.subplots(2, 2, figsize=(14, 9.5))
     axes = [grid[0][0], grid[1][0], grid[0][1], grid[1][1]]
+    rows: list[tuple[str, ...]]
     if ov:
         data = {}
         rows = []
-        for loop, res in ov["loops"].items():
-            cpu, wall = res["cpu"], res["wall"]
-            data[loop] = {v: (cpu[v]["median"], cpu[v]["q1"], cpu[v]["q3"]) for v in VARIANTS}
-            for v in VARIANTS:
-                rows.append((loop, NAMES[v], f"{cpu[v]['median']:.1f} ({cpu[v]['iqr']:.1f})",
-                             f"{cpu[v]['added']['median']:+.1f} ({cpu[v]['added']['iqr']:.1f})",
-                             f"{cpu[v]['ratio']:.3f}",
-                             f"{wall[v]['median']:.1f} ({wall[v]['iqr']:.1f})",
-                             f"{wall[v]['ratio']:.3f}"))
+        for loop, res in ov.loops.items():
+            cpu, wall = res.cpu.variants, res.wall.variants
+            data[loop] = {v: (cpu[v].median, cpu[v].q1, cpu[v].q3) for v in VARIANTS}
+            ablations = [n for n in cpu if n not in VARIANTS]
+            for n in [*VARIANTS, *ablations]:
+                c, w = cpu[n], wall[n]
+                rows.append((loop, NAMES[n] if n in VARIANTS else f"*ablation:* {n}",
+                             f"{c.median:.1f} ({c.iqr:.1f})",
+                             f"{c.added.median:+.1f} ({c.added.iqr:.1f})", f"{c.ratio:.3f}",
+                             f"{w.median:.1f} ({w.iqr:.1f})", f"{w.ratio:.3f}"))
             # the paired estimate: median of the per-round differences over the bare median
-            facts[f"inproc/{loop}/ratio"] = (cpu["loopwatch"]["added"]["median"]
-                                             / cpu["bare"]["median"])
-            facts[f"inproc/{loop}/vs_lightest"] = cpu["loopwatch_vs_lightest"]["of_medians"]
-            facts[f"inproc/{loop}/lightest"] = cpu["loopwatch_vs_lightest"]["lightest"]
-            facts[f"inproc/{loop}/added"] = cpu["loopwatch"]["added"]["median"]
-            facts[f"inproc/{loop}/bare"] = cpu["bare"]["median"]
-            ablations = [n for n in res["cpu"]
-                         if n not in VARIANTS and n != "loopwatch_vs_lightest"]
-            for n in ablations:
-                rows.append((loop, f"*ablation:* {n}",
-                             f"{cpu[n]['median']:.1f} ({cpu[n]['iqr']:.1f})",
-                             f"{cpu[n]['added']['median']:+.1f} ({cpu[n]['added']['iqr']:.1f})",
-                             f"{cpu[n]['ratio']:.3f}",
-                             f"{wall[n]['median']:.1f} ({wall[n]['iqr']:.1f})",
-                             f"{wall[n]['ratio']:.3f}"))
+            facts[f"inproc/{loop}/ratio"] = cpu["loopwatch"].added.median / cpu["bare"].median
+            if res.cpu.loopwatch_vs_lightest:
+                facts[f"inproc/{loop}/vs_lightest"] = res.cpu.loopwatch_vs_lightest.of_medians
+                facts[f"inproc/{loop}/lightest"] = res.cpu.loopwatch_vs_lightest.lightest
+            facts[f"inproc/{loop}/added"] = cpu["loopwatch"].added.median
+            facts[f"inproc/{loop}/bare"] = cpu["bare"].median
         grouped(axes[0], data, "process CPU µs per request (median, IQR)",
                 "In process: CPU time per request")
-        cfg = ov["config"]
+        cfg = ov.config
         parts.append(
-            f"**In process** ({cfg['requests']} requests per sample, {cfg['rounds']} alternating "
-            f"rounds, {cfg['concurrency']} in flight, each request its own task). Median "
+            f"**In process** ({cfg.requests} requests per sample, {cfg.rounds} alternating "
+            f"rounds, {cfg.concurrency} in flight, each request its own task). Median "
             f"(interquartile range) in µs; *added* is the median of the per-round differences "
             f"to bare. CPU is the process's CPU time (all threads, so loopwatch's watchdog is "
             f"in it); wall is elapsed time, which on a shared machine also holds time given to "
             f"other processes.\n\n"
             + table(("loop", "variant", "CPU µs/req", "added CPU µs", "CPU vs bare",
                      "wall µs/req", "wall vs bare"), rows)
-            + f"\n\nReproduce: {command_of('overhead', ov, run)}")
+            + f"\n\nReproduce: {command_of(ov, run)}")
     if cg:
         data = {}
         rows = []
-        for loop, res in cg["loops"].items():
-            req = res["request"]
-            data[loop] = {v: (req[v]["instructions"] / 1e3, req[v]["min"] / 1e3,
-                              req[v]["max"] / 1e3) for v in VARIANTS}
-            for n, v in req.items():
+        for loop, cres in cg.loops.items():
+            req = cres.request
+            data[loop] = {v: (req[v].instructions / 1e3, req[v].min / 1e3, req[v].max / 1e3)
+                          for v in VARIANTS}
+            for n, x in req.items():
                 name = NAMES.get(n, f"*ablation:* {n}")
-                rows.append((loop, name, f"{v['instructions']:,.0f}",
-                             f"{v['added']:+,.0f}", f"{v['ratio']:.3f}",
-                             f"{v['probes_per_unit']:.3f}"))
-            facts[f"cg/{loop}/ratio"] = req["loopwatch"]["ratio"] - 1
-            facts[f"cg/{loop}/vs_lightest"] = res.get("loopwatch_vs_lightest")
-            facts[f"cg/{loop}/added"] = req["loopwatch"]["added"]
-            for w in ("callback", "step"):
-                if w in res:
-                    facts[f"cg/{loop}/{w}"] = res[w]["monitored"]["added"]
-            if "awaits10" in res:
-                facts[f"cg/{loop}/await"] = res["awaits10"].get("added_per_await")
+                rows.append((loop, name, f"{x.instructions:,.0f}", f"{x.added:+,.0f}",
+                             f"{x.ratio:.3f}", f"{x.probes_per_unit:.3f}"))
+            facts[f"cg/{loop}/ratio"] = req["loopwatch"].ratio - 1
+            facts[f"cg/{loop}/vs_lightest"] = cres.loopwatch_vs_lightest
+            facts[f"cg/{loop}/added"] = req["loopwatch"].added
+            for what, pair in (("callback", cres.callback), ("step", cres.step)):
+                if pair:
+                    facts[f"cg/{loop}/{what}"] = pair.monitored.added
+            if cres.awaits10:
+                facts[f"cg/{loop}/await"] = cres.awaits10.added_per_await
         grouped(axes[1], data, "thousand instructions per request",
                 "Under callgrind: instructions per request", fmt="{:.0f}k")
-        cfg = cg["config"]
+        gcfg = cg.config
         parts.append(
             f"**Instructions per request** under `valgrind --tool=callgrind` (the same in-process "
-            f"drive; segments of {cfg['requests']} and {2 * cfg['requests']} requests, "
-            f"{cfg['repeats']} pair(s), the median slope; loopwatch's timers stretched "
-            f"{cfg['time_scale']:g}x to match the slowdown). Repeatable whatever else the "
+            f"drive; segments of {gcfg.requests} and {2 * gcfg.requests} requests, "
+            f"{gcfg.repeats} pair(s), the median slope; loopwatch's timers stretched "
+            f"{gcfg.time_scale:g}x to match the slowdown). Repeatable whatever else the "
             f"machine does: the bare app counts the same every time.\n\n"
             + table(("loop", "variant", "instructions/request", "added", "vs bare",
                      "probes/request"), rows)
-            + f"\n\nReproduce: {command_of('callgrind', cg, run)}")
+            + f"\n\nReproduce: {command_of(cg, run)}")
         extra = []
-        for loop, res in cg["loops"].items():
-            if "callback" in res:
-                extra.append((loop, f"{res['callback']['bare']['instructions']:,.0f}",
-                              f"{res['callback']['monitored']['added']:+,.0f}",
-                              f"{res['step']['bare']['instructions']:,.0f}",
-                              f"{res['step']['monitored']['added']:+,.0f}",
-                              f"{res['awaits10']['added_per_await']:+,.0f}"))
+        for loop, cres in cg.loops.items():
+            if cres.callback and cres.step and cres.awaits10:
+                extra.append((loop, f"{cres.callback.bare.instructions:,.0f}",
+                              f"{cres.callback.monitored.added:+,.0f}",
+                              f"{cres.step.bare.instructions:,.0f}",
+                              f"{cres.step.monitored.added:+,.0f}",
+                              f"{cres.awaits10.added_per_await:+,.0f}"))
         if extra:
             parts.append(
                 "Instructions per loop callback and per task step (bare loop vs watched by a "
@@ -228,78 +233,80 @@ def overhead_section(run: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
                 "`asyncio.sleep(0)` 10 times vs the plain route, both with the middleware):\n\n"
                 + table(("loop", "callback, bare", "added", "task step, bare", "added",
                          "added per await in a request"), extra))
-    bd = read_result("breakdown")
+    bd = load(Breakdown)
     if bd:
-        ins = bd["instructions"]
+        ins = bd.instructions
         rows = [(k, f"{v:,.0f}") for k, v in ins.items()]
         parts.append(
             "**Where loopwatch's per-request instructions go** (callgrind, each piece run alone "
             "n and 2n times; *model* rows re-create a piece of the middleware's code, the "
             "others call loopwatch's own code):\n\n" + table(("piece", "instructions/call"), rows)
-            + f"\n\nReproduce: {command_of('breakdown', bd, run)}")
+            + f"\n\nReproduce: {command_of(bd, run)}")
         facts["breakdown"] = ins
     if wk:
         data = {}
         rows = []
-        for loop, res in wk["loops"].items():
-            data[loop] = {v: (res[v]["rps"]["median"], res[v]["rps"]["q1"], res[v]["rps"]["q3"])
+        for loop, wres in wk.loops.items():
+            served = wres.variants
+            data[loop] = {v: (served[v].rps.median, served[v].rps.q1, served[v].rps.q3)
                           for v in VARIANTS}
             for v in VARIANTS:
-                r = res[v]
-                rows.append((loop, NAMES[v], f"{r['rps']['median']:,.0f}", f"{r['rps_ratio']:.3f}",
-                             f"{r['latency_p50']['median'] * 1e3:.2f}",
-                             f"{r['latency_p99']['median'] * 1e3:.2f}",
-                             f"{r['server_cpu_us_per_request']['median']:.1f}",
-                             f"{r['cpu_ratio']:.3f}", r["errors"]))
-            facts[f"wrk/{loop}/loss"] = 1 - res["loopwatch"]["rps_ratio"]
-            facts[f"wrk/{loop}/cpu"] = res["loopwatch"]["cpu_ratio"] - 1
-            facts[f"wrk/{loop}/vs_lightest"] = res.get("loopwatch_vs_lightest")
-            lightest_cpu = min(res[c]["cpu_ratio"] for c in ("instrumentator",
-                                                              "starlette-exporter")) - 1
-            facts[f"wrk/{loop}/cpu_vs_lightest"] = ((res["loopwatch"]["cpu_ratio"] - 1)
+                r = served[v]
+                rows.append((loop, NAMES[v], f"{r.rps.median:,.0f}", f"{r.rps_ratio:.3f}",
+                             f"{r.latency_p50.median * 1e3:.2f}",
+                             f"{r.latency_p99.median * 1e3:.2f}",
+                             f"{r.server_cpu_us_per_request.median:.1f}",
+                             f"{r.cpu_ratio:.3f}", str(r.errors)))
+            facts[f"wrk/{loop}/loss"] = 1 - served["loopwatch"].rps_ratio
+            facts[f"wrk/{loop}/cpu"] = served["loopwatch"].cpu_ratio - 1
+            facts[f"wrk/{loop}/vs_lightest"] = wres.loopwatch_vs_lightest
+            lightest_cpu = min(served[c].cpu_ratio for c in ("instrumentator",
+                                                             "starlette-exporter")) - 1
+            facts[f"wrk/{loop}/cpu_vs_lightest"] = ((served["loopwatch"].cpu_ratio - 1)
                                                     / lightest_cpu if lightest_cpu > 0 else None)
         grouped(axes[2], data, "requests per second (median, IQR)",
                 "End to end: wrk → uvicorn, throughput", ratio=True)
-        if wk["config"]["rounds"] < 3:
+        wcfg = wk.config
+        if wcfg.rounds < 3:
             axes[2].set_title("End to end: wrk → uvicorn, throughput (error bars: too few rounds)")
-        cfg = wk["config"]
         parts.append(
-            f"**End to end**: wrk -t{cfg['threads']} -c{cfg['connections']} "
-            f"-d{cfg['seconds']:g}s against uvicorn (one worker, httptools, access log off, each "
-            f"variant its own process), {cfg['rounds']} alternating round(s); medians. wrk and "
+            f"**End to end**: wrk -t{wcfg.threads} -c{wcfg.connections} "
+            f"-d{wcfg.seconds:g}s against uvicorn (one worker, httptools, access log off, each "
+            f"variant its own process), {wcfg.rounds} alternating round(s); medians. wrk and "
             f"the server share the machine's cores, so throughput is also a measure of wrk. "
             f"Server CPU per request is the server process's own CPU time (from /proc) divided "
             f"by the requests served.\n\n"
             + table(("loop", "variant", "req/s", "vs bare", "p50 ms", "p99 ms",
                      "server CPU µs/req", "vs bare", "errors"), rows)
-            + f"\n\nReproduce: {command_of('wrk_overhead', wk, run)}")
+            + f"\n\nReproduce: {command_of(wk, run)}")
     if cs:
         data = {}
         rows = []
-        for loop, res in cs["loops"].items():
-            data[loop] = {v: (r["instructions"] / 1e3, r["min"] / 1e3, r["max"] / 1e3)
-                          for v, r in res.items() if v in VARIANTS}
+        for loop, sres in cs.loops.items():
+            counts = sres.variants
+            data[loop] = {v: (c.instructions / 1e3, c.min / 1e3, c.max / 1e3)
+                          for v, c in counts.items() if v in VARIANTS}
             for v in VARIANTS:
-                if v in res:
-                    r = res[v]
-                    rows.append((loop, NAMES[v], f"{r['instructions']:,.0f}",
-                                 f"{r['min']:,.0f}–{r['max']:,.0f}", f"{r['added']:+,.0f}",
-                                 f"{r['ratio']:.3f}"))
-            if "loopwatch" in res:
-                facts[f"cgs/{loop}/ratio"] = res["loopwatch"]["ratio"] - 1
-                facts[f"cgs/{loop}/vs_lightest"] = res.get("loopwatch_vs_lightest")
+                if v in counts:
+                    cnt = counts[v]
+                    rows.append((loop, NAMES[v], f"{cnt.instructions:,.0f}",
+                                 f"{cnt.min:,.0f}–{cnt.max:,.0f}", f"{cnt.added:+,.0f}",
+                                 f"{cnt.ratio:.3f}"))
+            if "loopwatch" in counts:
+                facts[f"cgs/{loop}/ratio"] = counts["loopwatch"].ratio - 1
+                facts[f"cgs/{loop}/vs_lightest"] = sres.loopwatch_vs_lightest
         grouped(axes[3], data, "thousand instructions per request",
                 "End to end under callgrind: uvicorn server, per request", fmt="{:.0f}k")
-        cfg = cs["config"]
+        scfg = cs.config
         parts.append(
             f"**End to end, instructions**: the uvicorn server (one worker, httptools) under "
             f"callgrind, keep-alive requests from a client outside valgrind; segments of "
-            f"{cfg['requests']} and {2 * cfg['requests']} requests, {cfg['repeats']} pair(s), "
+            f"{scfg.requests} and {2 * scfg.requests} requests, {scfg.repeats} pair(s), "
             f"median slope (range over pairs); everything in the server process is counted — "
             f"HTTP parsing, the event loop, the app, loopwatch's watchdog thread.\n\n"
             + table(("loop", "variant", "instructions/request", "range", "added", "vs bare"),
                     rows)
-            + f"\n\nReproduce: {command_of('callgrind_server', cs, run)}")
+            + f"\n\nReproduce: {command_of(cs, run)}")
     else:
         axes[3].set_visible(False)
     for ax, present in ((axes[0], ov), (axes[1], cg), (axes[2], wk)):
@@ -309,32 +316,31 @@ def overhead_section(run: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
     return (f"![overhead: in process, callgrind, wrk]({img})\n\n" + "\n\n".join(parts)), facts
 
 
-def monitor_section(run: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
-    mc = read_result("monitor_cost")
+def monitor_section(run: RunAll | None) -> tuple[str, dict[str, Any]]:
+    mc = load(MonitorCost)
     if not mc:
         return "*(no results: run benchmarks/monitor_cost.py)*", {}
     facts: dict[str, Any] = {}
     rows = []
-    for loop, res in mc["loops"].items():
-        for name in ("idle CPU", "per callback", "per task step"):
-            r = res[name]
-            rows.append((loop, name, f"{r['bare']['median']:.3f}",
-                         f"{r['monitored']['median']:.3f}",
-                         f"{r['added']['median']:+.3f} (IQR {r['added']['iqr']:.3f})", r["unit"]))
-        facts[f"mc/{loop}/idle"] = res["idle CPU"]["monitored"]["median"]
-        facts[f"mc/{loop}/idle_added"] = res["idle CPU"]["added"]["median"]
-        facts[f"mc/{loop}/callback"] = res["per callback"]["added"]["median"]
-        facts[f"mc/{loop}/step"] = res["per task step"]["added"]["median"]
+    for loop, res in mc.loops.items():
+        for name, r in (("idle CPU", res.idle), ("per callback", res.callback),
+                        ("per task step", res.step)):
+            rows.append((loop, name, f"{r.bare.median:.3f}", f"{r.monitored.median:.3f}",
+                         f"{r.added.median:+.3f} (IQR {r.added.iqr:.3f})", r.unit))
+        facts[f"mc/{loop}/idle"] = res.idle.monitored.median
+        facts[f"mc/{loop}/idle_added"] = res.idle.added.median
+        facts[f"mc/{loop}/callback"] = res.callback.added.median
+        facts[f"mc/{loop}/step"] = res.step.added.median
     req_rows = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for loop, res in mc["loops"].items():
+    for loop, res in mc.loops.items():
         for ax, axis, label in ((axes[0], "awaits", "awaits per request (50 in flight)"),
                                 (axes[1], "in_flight", "requests in flight (1 await each)")):
-            pts = res["requests"][axis]
+            pts = res.requests[axis]
             xs = [int(k) for k in pts]
-            ys = [pts[k]["cpu"]["added"]["median"] for k in pts]
-            lo = [pts[k]["cpu"]["added"]["q1"] for k in pts]
-            hi = [pts[k]["cpu"]["added"]["q3"] for k in pts]
+            ys = [p.cpu.added.median for p in pts.values()]
+            lo = [p.cpu.added.q1 for p in pts.values()]
+            hi = [p.cpu.added.q3 for p in pts.values()]
             ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo, strict=True)],
                                       [b - y for y, b in zip(ys, hi, strict=True)]],
                         marker="o", capsize=3, label=loop, color=LOOP_COLORS[loop])
@@ -343,63 +349,62 @@ def monitor_section(run: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
             ax.set_ylabel("added CPU µs per request (median, IQR)")
             ax.grid(alpha=0.3)
             ax.axhline(0, color="grey", lw=0.8)
-            for k in pts:
-                c = pts[k]["cpu"]
+            for k, p in pts.items():
+                c = p.cpu
                 req_rows.append((loop, f"{axis.replace('_', ' ')} = {k}",
-                                 f"{c['bare']['median']:.1f}", f"{c['monitored']['median']:.1f}",
-                                 f"{c['added']['median']:+.1f} (IQR {c['added']['iqr']:.1f})",
-                                 pct(c["added_ratio"])))
+                                 f"{c.bare.median:.1f}", f"{c.monitored.median:.1f}",
+                                 f"{c.added.median:+.1f} (IQR {c.added.iqr:.1f})",
+                                 pct(c.added_ratio)))
     axes[0].set_title("loopwatch's added CPU vs awaits per request")
     axes[1].set_title("loopwatch's added CPU vs requests in flight")
     axes[0].legend()
     img = save(fig, "monitor_cost.png")
     text = (
-        f"Bare loop vs the same loop watched by a `Monitor` ({mc['config']['rounds']} alternating "
-        f"rounds; idle over {mc['config']['idle_seconds']:g} s "
+        f"Bare loop vs the same loop watched by a `Monitor` ({mc.config.rounds} alternating "
+        f"rounds; idle over {mc.config.idle_seconds:g} s "
         f"of `asyncio.sleep`; CPU is the whole process, watchdog thread included):\n\n"
         + table(("loop", "measure", "bare", "watched", "added", "unit"), rows)
         + "\n\nPer request, in process, bare FastAPI vs with `LoopWatchMiddleware` (process CPU "
         "µs per request; a route awaiting `asyncio.sleep(0)` k times):\n\n"
         + table(("loop", "", "bare µs", "loopwatch µs", "added µs", "added"), req_rows)
-        + f"\n\n![monitor cost]({img})\n\nReproduce: {command_of('monitor_cost', mc, run)}")
+        + f"\n\n![monitor cost]({img})\n\nReproduce: {command_of(mc, run)}")
     return text, facts
 
 
-def accuracy_section(run: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
-    ac = read_result("accuracy")
+def accuracy_section(run: RunAll | None) -> tuple[str, dict[str, Any]]:
+    ac = load(Accuracy)
     if not ac:
         return "*(no results: run benchmarks/accuracy.py)*", {}
     facts: dict[str, Any] = {}
-    summ = ac["injected"]["summary"]
+    summ = ac.injected.summary
     rows = []
     for s in summ:
-        rows.append((s["loop"], s["kind"], s["injected_ms"], s["n"],
-                     f"{s['reported_ms_median']:.2f}", f"{s['elapsed_ms_median']:.2f}",
-                     f"{s['error_vs_injected_ms_median']:+.2f} / "
-                     f"{s['error_vs_injected_ms_max_abs']:.2f}",
-                     f"{s['error_vs_elapsed_ms_median']:+.3f} / "
-                     f"{s['error_vs_elapsed_ms_max_abs']:.3f}",
-                     f"{s['within_tolerance']}/{s['n']}", f"{s['exact_line']}/{s['n']}"))
-    big = [s for s in summ if s["injected_ms"] >= 20]
+        rows.append((s.loop, s.kind, s.injected_ms, s.n,
+                     f"{s.reported_ms_median:.2f}", f"{s.elapsed_ms_median:.2f}",
+                     f"{s.error_vs_injected_ms_median:+.2f} / "
+                     f"{s.error_vs_injected_ms_max_abs:.2f}",
+                     f"{s.error_vs_elapsed_ms_median:+.3f} / "
+                     f"{s.error_vs_elapsed_ms_max_abs:.3f}",
+                     f"{s.within_tolerance}/{s.n}", f"{s.exact_line}/{s.n}"))
+    big = [s for s in summ if s.injected_ms >= 20]
     for kind in ("sleep", "cpu"):
-        ks = [s for s in big if s["kind"] == kind]
+        ks = [s for s in big if s.kind == kind]
         if ks:
-            facts[f"acc/{kind}/within"] = (sum(s["within_tolerance"] for s in ks),
-                                           sum(s["n"] for s in ks))
-            facts[f"acc/{kind}/max_err_inj"] = max(s["error_vs_injected_ms_max_abs"] for s in ks)
-            facts[f"acc/{kind}/max_err_el"] = max(s["error_vs_elapsed_ms_max_abs"] for s in ks)
-            facts[f"acc/{kind}/exact"] = (sum(s["exact_line"] for s in ks),
-                                          sum(s["n"] for s in ks))
+            facts[f"acc/{kind}/within"] = (sum(s.within_tolerance for s in ks),
+                                           sum(s.n for s in ks))
+            facts[f"acc/{kind}/max_err_inj"] = max(s.error_vs_injected_ms_max_abs for s in ks)
+            facts[f"acc/{kind}/max_err_el"] = max(s.error_vs_elapsed_ms_max_abs for s in ks)
+            facts[f"acc/{kind}/exact"] = (sum(s.exact_line for s in ks), sum(s.n for s in ks))
     # plot
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     markers = {"sleep": "o", "cpu": "s"}
-    for (loop, kind) in dict.fromkeys((r["loop"], r["kind"]) for r in ac["injected"]["rows"]):
-        rs = [r for r in ac["injected"]["rows"] if r["loop"] == loop and r["kind"] == kind
-              and r["reported"] is not None]
-        inj = [r["injected"] * 1e3 for r in rs]
-        rep = [r["reported"] * 1e3 for r in rs]
-        err = [(r["reported"] - r["injected"]) * 1e3 for r in rs]
-        err_el = [(r["reported"] - r["elapsed"]) * 1e3 for r in rs]
+    for (loop, kind) in dict.fromkeys((r.loop, r.kind) for r in ac.injected.rows):
+        rs = [(r, r.reported) for r in ac.injected.rows
+              if r.loop == loop and r.kind == kind and r.reported is not None]
+        inj = [r.injected * 1e3 for r, _ in rs]
+        rep = [reported * 1e3 for _, reported in rs]
+        err = [(reported - r.injected) * 1e3 for r, reported in rs]
+        err_el = [(reported - r.elapsed) * 1e3 for r, reported in rs]
         jitter = 1.06 if loop == "uvloop" else 0.94
         style = dict(marker=markers[kind], color=LOOP_COLORS[loop], linestyle="none",
                      alpha=0.75, label=f"{loop}, {'time.sleep' if kind == 'sleep' else 'CPU loop'}")
@@ -435,47 +440,46 @@ def accuracy_section(run: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
 
     srows, satrows = [], []
     prec, rec, fals = [], [], []
-    for loop, res in ac["served"].items():
-        m = res["mixed"]
-        srows.append((loop, f"{res['threshold'] * 1e3:g} ms",
-                      f"{m['load']['ok']} / {m['load']['blocking']}", m["real_blocks"],
-                      m["events"], _p(m["precision"]), _p(m["recall"]),
-                      f"{m['exact_line']}/"
-                      f"{sum(p['reported_right'] for p in m['per_route'].values())}"
-                      f" ({_p(m['exact_line_rate'])})",
-                      len(m["false_events"]), len(m["wrong_route"])))
-        prec.append(m["precision"])
-        rec.append(m["recall"])
-        s = res["saturation"]
-        gcs = s.get("gc_events", [])
-        satrows.append((loop, f"{s['seconds']:g} s, {s['connections']} connections",
-                        f"{s['requests']:,}", f"{s['rps']:,.0f}", f"{s['latency_p99'] * 1e3:.1f}",
-                        s["false_events"], s["false_events_over_100ms"],
-                        "; ".join(f"{e['route']} {e['duration'] * 1e3:.0f} ms" for e in s["events"])
+    for loop, res in ac.served.items():
+        m = res.mixed
+        srows.append((loop, f"{res.threshold * 1e3:g} ms",
+                      f"{m.load.ok} / {m.load.blocking}", m.real_blocks,
+                      m.events, _p(m.precision), _p(m.recall),
+                      f"{m.exact_line}/"
+                      f"{sum(p.reported_right for p in m.per_route.values())}"
+                      f" ({_p(m.exact_line_rate)})",
+                      len(m.false_events), len(m.wrong_route)))
+        prec.append(m.precision)
+        rec.append(m.recall)
+        sat = res.saturation
+        satrows.append((loop, f"{sat.seconds:g} s, {sat.connections} connections",
+                        f"{sat.requests:,}", f"{sat.rps:,.0f}", f"{sat.latency_p99 * 1e3:.1f}",
+                        sat.false_events, sat.false_events_over_100ms,
+                        "; ".join(f"{e.route} {e.duration * 1e3:.0f} ms" for e in sat.events)
                         or "-",
-                        "; ".join(f"{e['duration'] * 1e3:.0f} ms ({e['gc_seconds'] * 1e3:.0f} in "
-                                  f"the collector)" for e in gcs) or "-"))
-        fals.append(s["false_events"])
-        facts[f"acc/{loop}/exact_served"] = m["exact_line_rate"]
+                        "; ".join(f"{e.duration * 1e3:.0f} ms ({e.gc_seconds * 1e3:.0f} in "
+                                  f"the collector)" for e in sat.gc_events) or "-"))
+        fals.append(sat.false_events)
+        facts[f"acc/{loop}/exact_served"] = m.exact_line_rate
     facts["acc/precision"] = min(p for p in prec if p is not None) if prec else None
     facts["acc/recall"] = min(r for r in rec if r is not None) if rec else None
     facts["acc/false"] = sum(fals)
-    facts["acc/false_over_100ms"] = sum(res["saturation"]["false_events_over_100ms"]
-                                        for res in ac["served"].values())
+    facts["acc/false_over_100ms"] = sum(res.saturation.false_events_over_100ms
+                                        for res in ac.served.values())
     per_route = []
-    for loop, res in ac["served"].items():
-        for route, p in res["mixed"]["per_route"].items():
-            per_route.append((loop, route, p["real"], p["reported_right"], p["events_naming"],
-                              p["exact_line"]))
+    for loop, res in ac.served.items():
+        for route, p in res.mixed.per_route.items():
+            per_route.append((loop, route, p.real, p.reported_right, p.events_naming,
+                              p.exact_line))
     misses = []
-    for loop, res in ac["served"].items():
-        for x in res["mixed"].get("line_misses", []):
-            misses.append((loop, x["route"], f"{x['duration'] * 1e3:.1f} ms",
-                           x["location"] or "-", x["stack_status"][:70]))
-    cfg = ac["config"]
+    for loop, res in ac.served.items():
+        for x in res.mixed.line_misses:
+            misses.append((loop, x.route, f"{x.duration * 1e3:.1f} ms",
+                           x.location or "-", x.stack_status[:70]))
+    cfg = ac.config
     text = (
-        f"**Injected blocks** (in process; threshold 4 ms, probe 2 ms; {cfg['reps']} × "
-        f"`time.sleep` and {cfg['cpu_reps']} × a CPU-bound Python loop per size and loop). "
+        f"**Injected blocks** (in process; threshold 4 ms, probe 2 ms; {cfg.reps} × "
+        f"`time.sleep` and {cfg.cpu_reps} × a CPU-bound Python loop per size and loop). "
         f"Errors are median / largest absolute, in ms; *ok* counts blocks within "
         f"max(2 ms, 2 %) of the injected duration; *line* counts events whose reported line "
         f"is the blocking call (for the CPU loop: a line of the loop).\n\n"
@@ -483,8 +487,8 @@ def accuracy_section(run: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
                  "error vs injected", "error vs elapsed", "ok", "line"), rows)
         + f"\n\n![accuracy]({img})\n\n"
         f"**Attribution under mixed load** (uvicorn, `benchmarks.bench_apps:accuracy`, "
-        f"{cfg['mixed_seconds']:g} s, {cfg['ok_clients']} clients on non-blocking routes and "
-        f"{cfg['block_clients']} on blocking ones, 30–60 ms per block). Every event is matched "
+        f"{cfg.mixed_seconds:g} s, {cfg.ok_clients} clients on non-blocking routes and "
+        f"{cfg.block_clients} on blocking ones, 30–60 ms per block). Every event is matched "
         f"to the real block (recorded by the server) that its time span overlaps.\n\n"
         + table(("loop", "threshold", "requests ok / blocking", "real blocks", "events",
                  "precision", "recall", "exact line", "events with no real block",
@@ -502,7 +506,7 @@ def accuracy_section(run: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
         "apart:\n\n"
         + table(("loop", "load", "requests", "req/s", "p99 ms", "false block events",
                  "of which ≥ 100 ms", "false events", "the collector's blocks"), satrows)
-        + f"\n\nReproduce: {command_of('accuracy', ac, run)}")
+        + f"\n\nReproduce: {command_of(ac, run)}")
     return text, facts
 
 
@@ -520,38 +524,37 @@ def _p(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
 
-def headline_section(run: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
-    hl = read_result("headline")
+def headline_section(run: RunAll | None) -> tuple[str, dict[str, Any]]:
+    hl = load(Headline)
     if not hl:
         return "*(no results: run benchmarks/headline.py)*", {}
     rows = []
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [2.2, 1]})
     colors = ["#4C72B0", "#55A868", "#8172B2", "#C44E52"]
-    for c, color in zip(hl["crowds"], colors, strict=False):
-        rows.append((c["scenario"], c["users"], c["answered"], f"{c['first_s']:.2f}",
-                     f"{c['median_s']:.2f}",
-                     f"{c['last_s']:.2f}" + (" (extrapolated)" if c["last_extrapolated"] else "")))
-        waits = sorted(c.get("waits_s") or [])
+    for c, color in zip(hl.crowds, colors, strict=False):
+        rows.append((c.scenario, c.users, c.answered, f"{c.first_s:.2f}", f"{c.median_s:.2f}",
+                     f"{c.last_s:.2f}" + (" (extrapolated)" if c.last_extrapolated else "")))
+        waits = sorted(c.waits_s or [])
         if waits:
             axes[0].step(waits, range(1, len(waits) + 1), where="post", color=color,
-                         label=c["scenario"])
-            if c["last_extrapolated"]:
-                axes[0].plot([waits[-1], c["last_s"]], [len(waits), c["users"]], ls="--",
-                             color=color, label=f"  extrapolated: last user at {c['last_s']:.0f} s")
+                         label=c.scenario)
+            if c.last_extrapolated:
+                axes[0].plot([waits[-1], c.last_s], [len(waits), c.users], ls="--",
+                             color=color, label=f"  extrapolated: last user at {c.last_s:.0f} s")
     axes[0].set_xscale("log")
     xt = [0.5, 1, 2, 5, 10, 20, 50]
     axes[0].set_xticks(xt, [f"{x:g}" for x in xt])
-    axes[0].axvline(hl["config"]["delay_ms"] / 1000, color="grey", lw=0.8, ls=":")
+    axes[0].axvline(hl.config.delay_ms / 1000, color="grey", lw=0.8, ls=":")
     axes[0].set_xlabel("seconds until answered (log scale; dotted: the upstream's latency)")
     axes[0].set_ylabel("users answered")
-    users = hl["crowds"][0]["users"]
-    delay = hl["config"]["delay_ms"]
+    users = hl.crowds[0].users
+    delay = hl.config.delay_ms
     axes[0].set_title(f"{users} simultaneous users, upstream answering in {delay} ms")
     axes[0].legend(fontsize=7.5, loc="lower right")
     axes[0].grid(alpha=0.3, which="both")
     bars = axes[1].bar(["asyncio.gather\n(/dashboard/1)",
                         "awaits in a row\n(/antipatterns/\nsequential/1)"],
-                       [hl["gather_s"], hl["sequential_s"]], color=["#55A868", "#C44E52"])
+                       [hl.gather_s, hl.sequential_s], color=["#55A868", "#C44E52"])
     for b in bars:
         axes[1].annotate(f"{b.get_height():.3f} s", (b.get_x() + b.get_width() / 2, b.get_height()),
                          xytext=(0, 3), textcoords="offset points", ha="center", fontsize=9)
@@ -560,56 +563,53 @@ def headline_section(run: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
     axes[1].margins(y=0.15)
     axes[1].grid(axis="y", alpha=0.3)
     img = save(fig, "headline.png")
-    seen = hl.get("loopwatch") or {}
-    ev = seen.get("events", [])
-    blocking = seen.get("blocking_by_route", [])[:3]
+    ev = hl.loopwatch.events if hl.loopwatch else []
+    blocking = hl.loopwatch.blocking_by_route[:3] if hl.loopwatch else []
     text = (
         table(("scenario", "users", "answered", "first s", "median s", "last s"), rows)
-        + f"\n\n3 upstream calls of 200 ms (median of {hl['config']['runs']} runs): "
-        f"`asyncio.gather` **{hl['gather_s']:.3f} s**, awaited one after another "
-        f"**{hl['sequential_s']:.3f} s**.\n\n"
+        + f"\n\n3 upstream calls of 200 ms (median of {hl.config.runs} runs): "
+        f"`asyncio.gather` **{hl.gather_s:.3f} s**, awaited one after another "
+        f"**{hl.sequential_s:.3f} s**.\n\n"
         + (f"What loopwatch said about it (the demo's `/metrics` and `/loopwatch/events`): the "
            f"route with the most loop time is `{blocking[0][0]}` ({blocking[0][1]:.3f} s); "
            f"its block events: "
-           + "; ".join(f"{e['duration'] * 1e3:.0f} ms at `{_rel(e['location'])}` "
-                       f"(route `{e['route']}`)" for e in ev[-4:]) + ".\n\n" if blocking else "")
-        + f"![headline]({img})\n\nReproduce: {command_of('headline', hl, run)}")
+           + "; ".join(f"{e.duration * 1e3:.0f} ms at `{_rel(e.location)}` "
+                       f"(route `{e.route}`)" for e in ev[-4:]) + ".\n\n" if blocking else "")
+        + f"![headline]({img})\n\nReproduce: {command_of(hl, run)}")
     return text, {"hl": hl}
 
 
-def memory_section(run: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
-    mem = read_result("memory")
+def memory_section(run: RunAll | None) -> tuple[str, dict[str, Any]]:
+    mem = load(Memory)
     if not mem:
         return "*(no results: run benchmarks/memory.py)*", {}
     mib = 1024 * 1024
-    s = mem["samples"]
+    s, cfg = mem.samples, mem.config
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    ax.plot([x["requests"] for x in s], [x["rss"] / mib for x in s], marker="o")
-    ax.axhline(s[0]["rss"] / mib + 5, color="red", ls="--", lw=0.8,
+    ax.plot([x.requests for x in s], [x.rss / mib for x in s], marker="o")
+    ax.axhline(s[0].rss / mib + 5, color="red", ls="--", lw=0.8,
                label="target ceiling: first sample + 5 MiB")
     ax.set_xlabel("requests")
     ax.set_ylabel("RSS (MiB)")
-    ax.set_title(f"RSS over {mem['config']['requests']:,} requests, "
-                 f"{mem['config']['paths']:,} unknown paths")
+    ax.set_title(f"RSS over {cfg.requests:,} requests, {cfg.paths:,} unknown paths")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    ax.set_ylim(bottom=min(x["rss"] for x in s) / mib - 2, top=s[0]["rss"] / mib + 8)
+    ax.set_ylim(bottom=min(x.rss for x in s) / mib - 2, top=s[0].rss / mib + 8)
     img = save(fig, "memory.png")
-    rows = [(f"{x['requests']:,}", f"{x['rss'] / mib:.2f}",
-             f"{(x['rss'] - s[0]['rss']) / mib:+.2f}")
+    rows = [(f"{x.requests:,}", f"{x.rss / mib:.2f}", f"{(x.rss - s[0].rss) / mib:+.2f}")
             for x in s]
     text = (
-        f"{mem['config']['requests']:,} requests over {mem['config']['paths']:,} distinct "
-        f"unknown paths (404), in process, loopwatch on {mem['config']['loop']}. Growth after "
-        f"the first {mem['config']['first']:,} requests: "
-        f"**{mem['growth_after_first_bytes'] / mib:+.2f} MiB** (peak "
-        f"{mem['peak_growth_after_first_bytes'] / mib:+.2f} MiB). Label sets at the end: "
-        f"{mem['label_sets']['request_duration']} (method, route) for the histograms, "
-        f"{mem['label_sets']['requests_total']} (method, route, status) for the counter; route "
-        f"cache entries: {mem['route_cache_entries']}; exposition: "
-        f"{mem['exposition_bytes']:,} bytes.\n\n"
+        f"{cfg.requests:,} requests over {cfg.paths:,} distinct "
+        f"unknown paths (404), in process, loopwatch on {cfg.loop}. Growth after "
+        f"the first {cfg.first:,} requests: "
+        f"**{mem.growth_after_first_bytes / mib:+.2f} MiB** (peak "
+        f"{mem.peak_growth_after_first_bytes / mib:+.2f} MiB). Label sets at the end: "
+        f"{mem.label_sets.request_duration} (method, route) for the histograms, "
+        f"{mem.label_sets.requests_total} (method, route, status) for the counter; route "
+        f"cache entries: {mem.route_cache_entries}; exposition: "
+        f"{mem.exposition_bytes:,} bytes.\n\n"
         + table(("requests", "RSS MiB", "vs first sample"), rows)
-        + f"\n\n![memory]({img})\n\nReproduce: {command_of('memory', mem, run)}")
+        + f"\n\n![memory]({img})\n\nReproduce: {command_of(mem, run)}")
     return text, {"mem": mem}
 
 
@@ -696,16 +696,17 @@ def targets_section(f: dict[str, Any]) -> str:
             f"{f['acc/false']} event(s) at the 20 ms threshold ({f['acc/false_over_100ms']} "
             f"≥ 100 ms, the default threshold), both loops", f["acc/false"] == 0)
     if "mem" in f:
-        g = f["mem"]["growth_after_first_bytes"] / 1024 / 1024
+        mem: Memory = f["mem"]
+        g = mem.growth_after_first_bytes / 1024 / 1024
         add("memory flat after the first 10,000 requests (growth < 5 MiB)",
-            f"{g:+.2f} MiB over {f['mem']['config']['requests']:,} requests", g < 5)
+            f"{g:+.2f} MiB over {mem.config.requests:,} requests", g < 5)
     return table(("target", "measured", ""), rows)
 
 
 def render() -> str:
-    run = read_result("run_all")
-    any_result = next((r for r in (read_result(n) for n in (
-        "overhead", "monitor_cost", "accuracy", "memory")) if r), {})
+    run = load(RunAll)
+    kinds: tuple[type[Result], ...] = (Overhead, MonitorCost, Accuracy, Memory)
+    any_result = next((r for r in (load(k) for k in kinds) if r), None)
     facts: dict[str, Any] = {}
     ov, f1 = overhead_section(run)
     mc, f2 = monitor_section(run)
@@ -716,7 +717,7 @@ def render() -> str:
     facts.update(f2)
     facts.update(f3)
     facts.update(f5)
-    when = (run or {}).get("finished") or any_result.get("machine", {}).get("time", "?")
+    when = run.finished if run else (any_result.machine.time if any_result else None) or "?"
     return "\n\n".join([
         BEGIN,
         f"*Generated by `benchmarks/report.py` ({when}). Do not edit by hand: run "
