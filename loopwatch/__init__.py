@@ -8,6 +8,7 @@ Prometheus metrics::
     app.mount("/metrics", loopwatch.metrics_app())
 """
 
+from ._admission import Admission
 from ._apps import events_app, metrics_app
 from ._attribution import Owner, owner_scope
 from ._config import Config
@@ -20,6 +21,7 @@ from ._watch import Watch, watch
 __version__ = "0.1.0"
 
 __all__ = [
+    "Admission",
     "BlockEvent",
     "Config",
     "Frame",

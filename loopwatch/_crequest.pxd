@@ -13,6 +13,7 @@ cdef class RequestPath:
     cdef public set _in_flight
     cdef public object _loop
     cdef public object _routes
+    cdef public bint _shedding
     cdef public object app
     cdef public frozenset exclude_paths
     cdef public object monitor

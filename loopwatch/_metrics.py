@@ -118,6 +118,17 @@ class LoopWatchMetrics:
             "Tasks waiting for a thread of the default AnyIO thread pool.",
             registry=r, multiprocess_mode="livesum",
         )
+        self.requests_shed = Counter(
+            "loopwatch_requests_shed",
+            "HTTP requests answered 503 by loopwatch's admission (the loop was overloaded); "
+            "the app never saw them.",
+            ["method", "route"], registry=r,
+        )
+        self.shedding = Gauge(
+            "loopwatch_shedding",
+            "1 while loopwatch's admission sheds new requests, else 0.",
+            registry=r, multiprocess_mode="max",
+        )
         self.internal_errors = Counter(
             "loopwatch_internal_errors",
             "Failures inside loopwatch (each caught; the application was not affected).",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
+from ._admission import Admission, Shedder
 from ._config import Config, ConfigOptions
 from ._metrics import LoopWatchMetrics, RequestSeries, metrics_for
 from ._monitor import Monitor
@@ -48,9 +49,10 @@ class LoopWatchMiddleware(request.RequestPath):  # type: ignore[misc]
     Options: ``registry`` (a prometheus ``CollectorRegistry``, default the global one),
     ``meter_provider`` (an OpenTelemetry ``MeterProvider``: the same measurements sent
     through it too; ``pip install "loopwatch[otel]"``), ``exclude_paths`` (paths that are
-    neither measured nor counted; default ``/metrics``), and any :class:`~loopwatch.Config`
-    option such as ``block_threshold``. Unset options are read from ``LOOPWATCH_*``
-    environment variables, and all are validated here.
+    neither measured nor counted; default ``/metrics``), ``admission`` (a
+    :class:`~loopwatch.Admission`: new requests get 503 while the loop is overloaded; off by
+    default), and any :class:`~loopwatch.Config` option such as ``block_threshold``. Unset
+    options are read from ``LOOPWATCH_*`` environment variables, and all are validated here.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class LoopWatchMiddleware(request.RequestPath):  # type: ignore[misc]
         meter_provider: Any = None,
         exclude_paths: Iterable[str] = ("/metrics",),
         config: Config | None = None,
+        admission: Admission | None = None,
         **options: Unpack[ConfigOptions],
     ) -> None:
         self.app = app
@@ -119,6 +122,12 @@ class LoopWatchMiddleware(request.RequestPath):  # type: ignore[misc]
         self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
         self._limiter: Any = None
         self._errors_logged = False
+        if admission is not None and not isinstance(admission, Admission):
+            raise ValueError(f"loopwatch: invalid admission={admission!r}; allowed: None or "
+                             "loopwatch.Admission(max_lag=..., max_utilization=...)")
+        #: The admission state (a monitor sink), and the flag each request reads.
+        self._shedder = None if admission is None else Shedder(admission, self._on_shedding)
+        self._shedding = False
 
     # -- ASGI -----------------------------------------------------------------------------
 
@@ -219,6 +228,8 @@ class LoopWatchMiddleware(request.RequestPath):  # type: ignore[misc]
             if self.otel is not None:
                 monitor.add_sink(self.otel)
             monitor.add_sink(self)
+            if self._shedder is not None:
+                monitor.add_sink(self._shedder)
             self.monitor = monitor
             self._loop = weakref.ref(loop)
             self._limiter = _default_thread_limiter()
@@ -235,6 +246,9 @@ class LoopWatchMiddleware(request.RequestPath):  # type: ignore[misc]
         self._loop = None
         try:
             monitor.remove_sink(self)
+            if self._shedder is not None:
+                monitor.remove_sink(self._shedder)
+                self._shedder.reset()
             if self.otel is not None:
                 monitor.remove_sink(self.otel)
             others = [user for user in monitor._users if user is not self]
@@ -251,6 +265,44 @@ class LoopWatchMiddleware(request.RequestPath):  # type: ignore[misc]
         self._owned.clear()
         self._by_label.clear()
         self._fast.clear()
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def _on_shedding(self, shedding: bool, reason: str) -> None:
+        self._shedding = shedding
+        self.metrics.shedding.set(1 if shedding else 0)
+        if shedding:
+            logger.warning("loopwatch: shedding new requests with 503 (%s); served still: %s",
+                           reason, ", ".join(sorted(self._always_served())) or "nothing")
+        else:
+            logger.warning("loopwatch: serving every request again (%s)", reason)
+
+    def _always_served(self) -> frozenset[str]:
+        assert self._shedder is not None
+        return self.exclude_paths | self._shedder.admission.exclude_paths
+
+    async def _shed(self, scope: Scope, send: Send) -> bool:
+        """While shedding: answer a new request ``503`` with ``Retry-After`` (True), unless
+        its path is always served (False: it goes on as usual)."""
+        shedder = self._shedder
+        if shedder is None or scope.get("path") in shedder.admission.exclude_paths:
+            return False
+        retry = str(shedder.admission.retry_after)
+        try:
+            path = scope.get("path")
+            route = self._routes.template_of(path if isinstance(path, str) else "")
+            self.metrics.requests_shed.labels(method_label(scope.get("method")), route).inc()
+        except Exception:  # noqa: BLE001 - never break the app we watch
+            self._internal_error("counting a shed request")
+        body = (f"Service overloaded: the event loop is behind; retry after {retry} s\n"
+                .encode())
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", retry.encode()),
+        ]})
+        await send({"type": "http.response.body", "body": body})
+        return True
 
     # -- once a second, on the loop (monitor sink) ------------------------------------------
 

@@ -52,7 +52,8 @@ class RequestPath:
     the cache did not know (``_record_first``)."""
 
     __slots__ = ("__dict__", "__weakref__", "_config_error", "_excluded_prefixes", "_fast",
-                 "_in_flight", "_loop", "_routes", "app", "exclude_paths", "monitor")
+                 "_in_flight", "_loop", "_routes", "_shedding", "app", "exclude_paths",
+                 "monitor")
     app: ASGIApp
     monitor: Monitor | None
     _loop: weakref.ref[asyncio.AbstractEventLoop] | None
@@ -62,6 +63,8 @@ class RequestPath:
     _fast: Cache
     exclude_paths: frozenset[str]
     _excluded_prefixes: tuple[str, ...]
+    #: Whether new requests are shed (the middleware's admission=, see _admission).
+    _shedding: bool
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI app (the middleware's ``__call__``)."""
@@ -79,6 +82,8 @@ class RequestPath:
         if type(path) is str and (
                 path in self.exclude_paths or path.startswith(self._excluded_prefixes)):
             await self.app(scope, receive, send)
+            return
+        if self._shedding and await self._shed(scope, send):  # type: ignore[attr-defined]
             return
         owner = new_owner(scope, self._routes, send)
         token = _set_owner(owner)

@@ -109,6 +109,19 @@ class RouteIndex:
             return here[0].label, len(targets) == 1 and relative == ""
         return self._choose(here, scope), False
 
+    def template_of(self, path: str) -> str:
+        """The template of the first route whose template matches ``path`` (a request not
+        routed yet, e.g. a shed one), else ``<unmatched>``: one regex per route."""
+        base = self._base_root
+        if base and path.startswith(base):
+            path = path[len(base):]
+        for targets in list(self._index.by_endpoint.values()):
+            for target in targets:
+                if target.regex is not None and target.label != UNMATCHED \
+                        and target.regex.fullmatch(path):
+                    return target.label
+        return UNMATCHED
+
     def _relative_root(self, scope: MutableMapping[str, Any]) -> str:
         root = scope.get("root_path")
         if not isinstance(root, str):

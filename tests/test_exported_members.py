@@ -13,7 +13,7 @@ def test_public_names_are_sorted_and_exported() -> None:
 
 def test_the_public_names_are_these() -> None:
     assert set(loopwatch.__all__) == {
-        "BlockEvent", "Config", "Frame", "LoopWatchMiddleware", "Monitor", "Owner", "Sink", "Watch",
-        "__version__", "events_app", "get_monitor", "metrics_app", "owner_scope", "ui_app",
+        "Admission", "BlockEvent", "Config", "Frame", "LoopWatchMiddleware", "Monitor", "Owner",
+        "Sink", "Watch", "__version__", "events_app", "get_monitor", "metrics_app", "owner_scope", "ui_app",
         "watch",
     }
