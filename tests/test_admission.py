@@ -212,3 +212,26 @@ def test_admission_is_off_by_default(loop_kind: str) -> None:
     during = [p[2] for p in got["polled"] if p[0] == "/fast" and hog_start <= p[1] <= hog_end]
     print(f"\n{loop_kind}, admission off: /fast p99 {p99(during) * 1e3:.0f} ms during the hog")
     assert not any(name == "loopwatch_requests_shed_total" for name, _ in got["samples"])
+
+
+def test_a_shed_request_is_labelled_by_its_route_template() -> None:
+    # Shed before routing: the label comes from matching the path against the templates,
+    # bounded as every route label (a path matching no route is <unmatched>).
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    from loopwatch._routes import RouteIndex
+
+    async def endpoint(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("")
+
+    app = Starlette(routes=[
+        Route("/users/{user_id}", endpoint),
+        Mount("/api", routes=[Route("/items/{item_id:path}", endpoint)]),
+    ])
+    index = RouteIndex(app)
+    index.enter({"type": "http", "app": app, "root_path": ""})
+    assert index.template_of("/users/42") == "/users/{user_id}"
+    assert index.template_of("/api/items/a/b/c") == "/api/items/{item_id:path}"
+    assert {index.template_of(f"/nothing/{n}") for n in range(100)} == {"<unmatched>"}
