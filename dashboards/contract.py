@@ -29,6 +29,10 @@ CONTRACT: dict[str, Metric] = {
     "loopwatch_threadpool_threads_limit": Metric("gauge", ()),
     "loopwatch_threadpool_tasks_waiting": Metric("gauge", ()),
     "loopwatch_internal_errors_total": Metric("counter", ()),
+    # Only with the opt-in admission (LoopWatchMiddleware(admission=...)): requests answered 503
+    # while the loop was overloaded (the app never saw them), and 1 while shedding, else 0.
+    "loopwatch_requests_shed_total": Metric("counter", ("method", "route")),
+    "loopwatch_shedding": Metric("gauge", ()),
 }
 
 

@@ -55,7 +55,8 @@ def select(expr: str) -> str:
     """``metric{..., $sel}`` -> the Job/Instance (and, for per-route metrics, Route) filter."""
 
     def sub(m: re.Match[str]) -> str:
-        routed = m.group(1).startswith(ROUTED)
+        # A per-route metric, or a series recorded per route (a level like instance_method_route).
+        routed = m.group(1).startswith(ROUTED) or "route" in m.group(1).split(":")[0].split("_")
         return m.group(0).replace("$sel", SELECT + (', route=~"$route"' if routed else ""))
 
     out = re.sub(r"([a-z_:0-9]+)\{[^}]*\$sel\}", sub, expr)
@@ -523,6 +524,44 @@ PANELS: list[Panel] = [
             ('sum by (job) (loopwatch_threadpool_tasks_waiting{$sel})', '{{job}} waiting'),
         ],
         unit='short', w=8, h=8,
+    ),
+    row('Load shedding'),
+    timeseries(
+        'Shed requests by route',
+        (
+            "Requests per second that loopwatch's admission answered 503 because the event loop "
+            'was overloaded, by route, summed over the selected instances (recording rule '
+            'instance_method_route:loopwatch_requests_shed:rate1m, 1-minute windows). The app '
+            'never saw them: they are not in the request rate. Only instances that run with '
+            'admission= shed; routes that shed nothing show 0 rather than nothing.'
+        ),
+        [
+            ((
+                'sum by (method, route) '
+                '(instance_method_route:loopwatch_requests_shed:rate1m{$sel})\nor\n'
+                'sum by (method, route) (rate(loopwatch_requests_total{$sel}[$__rate_interval])) '
+                '* 0'
+            ), '{{method}} {{route}}'),
+        ],
+        unit='reqps', w=12, h=8, stacked=True,
+    ),
+    timeseries(
+        'Instances shedding',
+        (
+            'Per instance, 1 while its admission sheds new requests (loopwatch_shedding), else 0; '
+            "the legend's mean is the share of the time range spent shedding. Instances that run "
+            'without admission= never shed and show 0 too. Shedding hides the cause, it does not '
+            'fix it: look at the loop health and "Who blocks" rows for the same instance. Alert: '
+            'LoopwatchShedding (seen shedding in every minute for 5 minutes).'
+        ),
+        [
+            ((
+                'max by (job, instance) (loopwatch_shedding{$sel})\nor\n'
+                'max by (job, instance) (instance:loopwatch_event_loop_busy_seconds:rate1m{$sel}) '
+                '* 0'
+            ), '{{job}} {{instance}}'),
+        ],
+        unit='short', w=12, h=8,
     ),
 ]
 

@@ -156,6 +156,7 @@ def test_rows_in_order(dashboard: dict[str, Any]) -> None:
         "Who blocks",
         "HTTP",
         "Thread pool",
+        "Load shedding",
     ]
 
 
@@ -214,6 +215,17 @@ def test_thread_pool_row(dashboard: dict[str, Any]) -> None:
     row = rows(dashboard)["Thread pool"]
     _find(row, r"loopwatch_threadpool_threads_busy", r"loopwatch_threadpool_threads_limit")
     _find(row, r"loopwatch_threadpool_tasks_waiting")
+
+
+def test_load_shedding_row(dashboard: dict[str, Any]) -> None:
+    row = rows(dashboard)["Load shedding"]
+    shed = _find(
+        row, r"^sum by \(method, route\) \(instance_method_route:loopwatch_requests_shed:rate1m",
+        unit="reqps",
+    )
+    # Routes that shed nothing read 0 (from the request counter), not a gap.
+    assert re.search(r"\nor\n.*loopwatch_requests_total.*\* 0$", exprs(shed)[0]), exprs(shed)
+    _find(row, r"^max by \(job, instance\) \(loopwatch_shedding\{")
 
 
 def test_topk_panels_find_the_worst_instances(dashboard: dict[str, Any]) -> None:
@@ -455,7 +467,8 @@ def test_generator_keeps_everything_the_handwritten_dashboard_had() -> None:
     * the alert annotations follow the Instance selection (``instance=~"$instance|"``: alerts
       of a whole job have no instance label and stay),
     * the Route variable comes after the three there were,
-    * the schema version is the SDK's (newer), and an empty ``timepicker`` is left out.
+    * the schema version is the SDK's (newer), and an empty ``timepicker`` is left out,
+    * the "Load shedding" row (opt-in admission) comes after every panel there was.
     """
     gen = _generator()
     old = json.loads(HANDWRITTEN.read_text())
@@ -480,6 +493,9 @@ def test_generator_keeps_everything_the_handwritten_dashboard_had() -> None:
                 del var[key]
     assert missing_from(variables, new["templating"]["list"][: len(variables)]) == []
     assert [v["name"] for v in new["templating"]["list"][len(variables):]] == ["route"]
+    added = new["panels"][len(old["panels"]):]
+    assert [p["title"] for p in added if p["type"] == "row"] == ["Load shedding"], added
+    new = {**new, "panels": new["panels"][: len(old["panels"])]}
     assert missing_from(old, {k: v for k, v in new.items() if k != "templating"}) == []
 
 

@@ -16,7 +16,9 @@ The unmodified ``for:`` durations are covered by promtool unit tests (tests/test
 
 ``test_contract_exporter`` does the same against a hand-written exporter that serves exactly the
 metric names and labels of loopwatch's metric contract: it checks the dashboard and rules against
-the contract itself, independently of the demo.
+the contract itself, independently of the demo. Its anti-pattern also makes it shed requests
+(as loopwatch's opt-in admission would): the demo runs without admission, so there the
+load-shedding panels read their 0 fallback, and this is where their real series are proven.
 """
 
 from __future__ import annotations
@@ -158,6 +160,8 @@ def test_stack_end_to_end(tmp_path: Path) -> None:
 # A hand-written exporter with loopwatch's metric contract
 
 
+SHED_ROUTE = "/items/{item_id}"
+SHED_PER_S = 4.0
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BLOCK_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
@@ -202,6 +206,8 @@ class ContractExporter:
         self.req_blocking: dict[tuple[str, str], _Histogram] = {}
         self.duration: dict[tuple[str, str], _Histogram] = {}
         self.requests: dict[tuple[str, str, str], float] = {}
+        self.shed: dict[tuple[str, str], float] = {}
+        self.shedding = 0
 
     def _request(
         self, route: str, status: str, per_s: float, dt: float, dur: float, loop: float
@@ -228,6 +234,10 @@ class ContractExporter:
             self.blocks.setdefault(
                 ("GET", "/antipatterns/sleep"), _Histogram(BLOCK_BUCKETS)
             ).observe(0.15, 6 * dt)
+            # The admission answers 503 to some of the requests meanwhile (as with admission=).
+            key = ("GET", SHED_ROUTE)
+            self.shed[key] = self.shed.get(key, 0) + SHED_PER_S * dt
+        self.shedding = int(self.blocking)
         # a rare block outside any request
         self.blocks.setdefault(("<none>", "<none>"), _Histogram(BLOCK_BUCKETS)).observe(
             0.12, 0.01 * dt
@@ -259,7 +269,12 @@ class ContractExporter:
             out.append("# TYPE loopwatch_requests_in_progress gauge")
             for m, r in self.duration:
                 out.append(f'loopwatch_requests_in_progress{{method="{m}",route="{r}"}} 1')
+            out.append("# TYPE loopwatch_requests_shed_total counter")
+            for (m, r), v in self.shed.items():
+                out.append(f'loopwatch_requests_shed_total{{method="{m}",route="{r}"}} {v}')
             out += [
+                "# TYPE loopwatch_shedding gauge",
+                f"loopwatch_shedding {self.shedding}",
                 "# TYPE loopwatch_threadpool_threads_busy gauge",
                 "loopwatch_threadpool_threads_busy 3",
                 "# TYPE loopwatch_threadpool_threads_limit gauge",
@@ -299,6 +314,32 @@ def contract_exporter() -> Iterator[tuple[ContractExporter, str]]:
         thread.join(timeout=5)
 
 
+def assert_shedding_panels_read_the_shed_series(stack: Stack, timeout: float) -> None:
+    """The load-shedding panels show the exporter's shed route shedding and the exporter as
+    shedding: values only the shed series give (their fallback reads 0)."""
+    dashboard = panels.load_dashboard()
+    variables = stack.panel_variables(dashboard)
+    shed_panels = {"Shed requests by route", "Instances shedding"}
+    seen: dict[str, list[dict[str, object]]] = {}
+
+    def shedding_seen() -> bool:
+        results = panels.check_panels(stack.prometheus_url, dashboard, variables)
+        seen.update(
+            {r.target.panel: r.samples or [] for r in results if r.target.panel in shed_panels}
+        )
+        rate = [float(s["value"][1]) for s in seen["Shed requests by route"]
+                if s["metric"].get("route") == SHED_ROUTE]
+        shedding = [float(s["value"][1]) for s in seen["Instances shedding"]]
+        # Above 0 (the fallback's value), at most the exporter's rate: the 1m window of the
+        # recording rule fills up over the first minute of shedding.
+        return len(rate) == 1 and 0 < rate[0] <= SHED_PER_S * 1.1 and shedding == [1.0]
+
+    try:
+        promapi.wait_for(shedding_seen, timeout=timeout, interval=1.0, what="the shed series")
+    except TimeoutError:
+        pytest.fail(f"the load-shedding panels do not show the shedding: {seen}")
+
+
 def test_contract_exporter(tmp_path: Path, contract_exporter: tuple[ContractExporter, str]) -> None:
     exporter, target = contract_exporter
     with Stack(
@@ -311,6 +352,7 @@ def test_contract_exporter(tmp_path: Path, contract_exporter: tuple[ContractExpo
         took = wait_for_alert(stack, "firing", timeout=40)
         assert took >= parse_duration(ALERT_FOR) - 1  # it held for its (capped) for: duration
         assert_all_panels_have_data(stack, timeout=30)
+        assert_shedding_panels_read_the_shed_series(stack, timeout=30)
         # The alerts about other failure modes stay quiet. (The lag alert may pend or fire too,
         # depending on how much of its 1m window the blocking covers by now.)
         states = {r["name"]: r["state"] for r in promapi.alerting_rules(stack.prometheus_url)}
@@ -323,3 +365,6 @@ def test_contract_exporter(tmp_path: Path, contract_exporter: tuple[ContractExpo
             "LoopwatchInternalErrors",
         }
         assert {name: states[name] for name in quiet} == dict.fromkeys(quiet, "inactive")
+        # The exporter has shed for longer than the (capped) hold: LoopwatchShedding fires.
+        promapi.wait_for(lambda: stack.alert_state("LoopwatchShedding") == "firing",
+                         timeout=30, what="LoopwatchShedding to fire")

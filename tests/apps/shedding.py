@@ -43,7 +43,7 @@ async def health(request: Request) -> PlainTextResponse:
 async def hog(request: Request) -> JSONResponse:
     """Hold the loop in ``chunk``-second pieces of pure CPU for ``seconds`` (a task)."""
     seconds = float(request.query_params.get("seconds", "1.5"))
-    chunk = float(request.query_params.get("chunk", "0.06"))
+    chunk = float(request.query_params.get("chunk", "0.08"))
 
     async def run() -> None:
         start = time.time()
@@ -71,6 +71,6 @@ app = Starlette(routes=[
 ])
 admission = None
 if os.environ.get("SHED", "1") == "1":
-    admission = loopwatch.Admission(max_lag=0.03, window=WINDOW,
+    admission = loopwatch.Admission(max_lag=0.04, window=WINDOW,
                                     exclude_paths=("/health", "/report"))
 app.add_middleware(loopwatch.LoopWatchMiddleware, admission=admission, log_blocks=False)
