@@ -9,6 +9,7 @@ Prints one JSON line with the block count and what the events looked like.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import random
 import sys
@@ -62,6 +63,10 @@ async def main(blocks: int) -> None:
         "max_frames": max((len(e.frames) for e in events), default=0),
         "innermost_spin": sum(bool(e.frames) and e.frames[0].function == "spin"
                               for e in events),
+        # where the other samples were: the recursion unwinding, or the task machinery
+        "innermost": collections.Counter(f"{e.frames[0].module}:{e.frames[0].function}"
+                                         for e in events
+                                         if e.stack_status == "sampled" and e.frames),
         "internal_errors": monitor.internal_errors,
     }), flush=True)
 
