@@ -39,13 +39,14 @@ def test_sampling_stacks_that_unwind_never_crashes() -> None:
     assert result["internal_errors"] == 0
     assert result["max_frames"] == MAX_FRAMES
     # Blocks end 1-10 ms after the threshold, and the watchdog needs up to a switch interval
-    # (5 ms) to get the GIL from the busy loop thread: many end before it looks.
-    assert result["sampled"] >= 200, result
+    # (5 ms) to get the GIL from the busy loop thread: many end before it looks (178-655 of
+    # the 2,000 sampled in runs on Python 3.10 and 3.13, the fewest on a loaded host).
+    assert result["sampled"] >= 100, result
     # A sample is of the block's own step: mostly at the blocking call; now and then that
     # step is already past it (the recursion unwinding, asyncio scheduling callbacks as the
-    # coroutine ends, the garbage collector's callback). 89-94 % at the call in runs on
-    # Python 3.10 and 3.13; never a frame from anywhere else.
-    assert result["innermost_spin"] >= 0.8 * result["sampled"], result
+    # coroutine ends, the garbage collector's callback): 75-97 % at the call in those runs.
+    # Never a frame from anywhere else.
+    assert result["innermost_spin"] >= 0.6 * result["sampled"], result
     for where in result["innermost"]:
         module, function = where.split(":", 1)
         assert (module == "__main__" and function in ("spin", "deep", "adeep")
