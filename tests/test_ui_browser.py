@@ -137,7 +137,13 @@ def test_the_page_shows_each_block_live(loop: str) -> None:
             "ms => parseFloat(document.querySelector('#tile-lag .value').textContent) >= ms",
             arg=LONG * 1000 * 0.8)
         assert page.locator("#chart-lag svg rect.mark").count() >= 1
-        expect(page.locator("#tile-blocks .value")).to_have_text("3")
+        # The monitor's block count: the three injected blocks, and any a loaded host added
+        # (a 4th was seen in CI), never more than the server has counted by now.
+        tile = page.locator("#tile-blocks .value")
+        page.wait_for_function(
+            "() => parseInt(document.querySelector('#tile-blocks .value').textContent) >= 3")
+        shown = int(tile.inner_text())
+        assert 3 <= shown <= client.get("/loopwatch/api/state").json()["block_count"], shown
 
         ARTIFACTS.mkdir(exist_ok=True)
         page.evaluate("window.scrollTo(0, 0)")  # the sticky header where it belongs
