@@ -20,18 +20,28 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ._config import _coerce, _Option
+
 __all__ = ["Admission", "Shedder"]
 
 logger = logging.getLogger("loopwatch")
 _clock = time.perf_counter
 
 
-def _number(name: str, value: Any, low: float, high: float, allowed: str, *,
-            low_open: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or (value <= low if low_open else value < low) or value > high:
-        raise ValueError(f"loopwatch: invalid Admission {name}={value!r}; allowed: {allowed}")
-    return float(value)
+#: The limits of an Admission's settings (checked as Config's options are).
+_LIMITS = {
+    "max_lag": _Option(float, None, 0.0, 60.0, low_open=True,
+                       allowed="a number of seconds > 0 and <= 60"),
+    "max_utilization": _Option(float, None, 0.0, 1.0, low_open=True,
+                               allowed="a fraction > 0 and <= 1"),
+    "window": _Option(float, 1.0, 0.1, 60.0, allowed="a number of seconds from 0.1 to 60"),
+    "resume": _Option(float, 0.5, 0.0, 1.0, low_open=True, allowed="a fraction > 0 and <= 1"),
+    "retry_after": _Option(int, None, 1, 3600, allowed="whole seconds from 1 to 3600"),
+}
+
+
+def _check(name: str, value: Any) -> Any:
+    return _coerce(name, _LIMITS[name], value, "Admission ")
 
 
 class Admission:
@@ -68,20 +78,13 @@ class Admission:
         if max_lag is None and max_utilization is None:
             raise ValueError("loopwatch: Admission needs max_lag (seconds) or max_utilization "
                              "(a fraction of the loop's time), or both")
-        self.max_lag = None if max_lag is None else _number(
-            "max_lag", max_lag, 0.0, 60.0, "a number of seconds > 0 and <= 60")
-        self.max_utilization = None if max_utilization is None else _number(
-            "max_utilization", max_utilization, 0.0, 1.0, "a fraction > 0 and <= 1")
-        self.window = _number("window", window, 0.1, 60.0, "a number of seconds from 0.1 to 60",
-                              low_open=False)
-        self.resume = _number("resume", resume, 0.0, 1.0, "a fraction > 0 and <= 1")
-        if retry_after is None:
-            retry_after = max(1, math.ceil(self.window))
-        if isinstance(retry_after, bool) or not isinstance(retry_after, int) \
-                or not 1 <= retry_after <= 3600:
-            raise ValueError(f"loopwatch: invalid Admission retry_after={retry_after!r}; "
-                             "allowed: whole seconds from 1 to 3600")
-        self.retry_after = retry_after
+        self.max_lag: float | None = None if max_lag is None else _check("max_lag", max_lag)
+        self.max_utilization: float | None = (
+            None if max_utilization is None else _check("max_utilization", max_utilization))
+        self.window: float = _check("window", window)
+        self.resume: float = _check("resume", resume)
+        self.retry_after: int = _check(
+            "retry_after", max(1, math.ceil(self.window)) if retry_after is None else retry_after)
         if isinstance(exclude_paths, str) or not all(
                 isinstance(p, str) and p.startswith("/") for p in exclude_paths):
             raise ValueError(f"loopwatch: invalid Admission exclude_paths={exclude_paths!r}; "

@@ -71,9 +71,8 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _bad(name: str, value: Any) -> ValueError:
-    allowed = _OPTIONS[name].allowed
-    return ValueError(f"loopwatch: invalid {name}={value!r}; allowed: {allowed}")
+def _bad(name: str, option: _Option, value: Any, owner: str) -> ValueError:
+    return ValueError(f"loopwatch: invalid {owner}{name}={value!r}; allowed: {option.allowed}")
 
 
 class Config:
@@ -203,25 +202,27 @@ def _parse(kind: type, raw: str) -> Any:
     return kind(raw)
 
 
-def _coerce(name: str, option: _Option, value: Any) -> Any:
+def _coerce(name: str, option: _Option, value: Any, owner: str = "") -> Any:
+    """``value`` checked against ``option`` (and made its kind); a ``ValueError`` naming
+    ``owner`` (e.g. ``"Admission "``), the option, the value and what is allowed."""
     if option.kind is bool:
         if not isinstance(value, bool):
-            raise _bad(name, value)
+            raise _bad(name, option, value, owner)
         return value
     # bool is an int subclass; True is never a sensible threshold.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(name, value)
+        raise _bad(name, option, value, owner)
     if option.kind is int:
         if isinstance(value, float) and not value.is_integer():
-            raise _bad(name, value)
+            raise _bad(name, option, value, owner)
         number: float = int(value)
     else:
         number = float(value)
         if not math.isfinite(number):
-            raise _bad(name, value)
+            raise _bad(name, option, value, owner)
     low, high = option.low, option.high
     if low is not None and (number <= low if option.low_open else number < low):
-        raise _bad(name, value)
+        raise _bad(name, option, value, owner)
     if high is not None and number > high:
-        raise _bad(name, value)
+        raise _bad(name, option, value, owner)
     return number

@@ -15,6 +15,8 @@ def test_the_typed_options_are_the_options() -> None:
     hints = typing.get_type_hints(ConfigOptions)
     assert list(hints) == list(_OPTIONS)
     assert {name: option.kind for name, option in _OPTIONS.items()} == hints
+    # ... and Config's attributes, for the type checker too, are the same.
+    assert typing.get_type_hints(Config) == hints
 
 
 def test_defaults() -> None:
