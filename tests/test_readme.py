@@ -49,7 +49,7 @@ def pattern(line: str) -> str:
     return out.replace(re.escape("/srv/"), ".*")
 
 
-@pytest.mark.parametrize("name", ["app.py", "options.py"])
+@pytest.mark.parametrize("name", ["app.py", "options.py", "shedding.py"])
 def test_the_app_examples_serve_metrics_and_events(tmp_path: Path, loop_kind: str,
                                                    name: str) -> None:
     (tmp_path / name).write_text(example(name))
@@ -61,6 +61,9 @@ def test_the_app_examples_serve_metrics_and_events(tmp_path: Path, loop_kind: st
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics")
         assert metrics.status_code == 200
         assert "loopwatch_event_loop_lag_seconds_bucket" in metrics.text
+        if name == "shedding.py":  # served, not shed: the loop is idle
+            assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"ok": True}
+            assert "loopwatch_shedding 0.0" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
         if name == "app.py":
             events = httpx.get(f"http://127.0.0.1:{port}/loopwatch/events").json()
             assert events["monitoring"] is True and events["events"] == []
