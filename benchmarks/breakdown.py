@@ -264,7 +264,7 @@ def child(n: int) -> None:
     def series_add(k: int) -> None:
         add = totals.add
         for _ in range(k):
-            add(200, 0.00012, 0.00005)
+            add(200, 0.00012, 0.00005, 0.0)
 
     def clocks(k: int) -> None:
         c = time.perf_counter

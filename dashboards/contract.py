@@ -22,6 +22,9 @@ CONTRACT: dict[str, Metric] = {
     "loopwatch_event_loop_busy_seconds_total": Metric("counter", ()),
     "loopwatch_event_loop_block_duration_seconds": Metric("histogram", ("method", "route")),
     "loopwatch_request_blocking_seconds": Metric("histogram", ("method", "route")),
+    # Seconds each request's own steps were ready to run but waited while other code held the
+    # loop: what the route suffered, where request_blocking is what it held.
+    "loopwatch_request_delayed_seconds": Metric("histogram", ("method", "route")),
     "loopwatch_request_duration_seconds": Metric("histogram", ("method", "route")),
     "loopwatch_requests_total": Metric("counter", ("method", "route", "status")),
     "loopwatch_requests_in_progress": Metric("gauge", ("method", "route")),

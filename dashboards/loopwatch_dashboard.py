@@ -49,6 +49,7 @@ SATURATED = {0.9: "orange"}  # LoopwatchEventLoopSaturated
 BLOCKED = {0.1: "orange"}  # LoopwatchEventLoopBlocked
 LONG_BLOCK = {1: "orange"}  # LoopwatchEventLoopLongBlock
 POOL_SATURATED = {0.9: "orange"}  # LoopwatchThreadPoolSaturated
+DELAYED_BY_OTHERS = {0.5: "orange"}  # LoopwatchRouteDelayedByOthers
 
 
 def select(expr: str) -> str:
@@ -562,6 +563,67 @@ PANELS: list[Panel] = [
             ), '{{job}} {{instance}}'),
         ],
         unit='short', w=12, h=8,
+    ),
+    row('Who waited on whom'),
+    timeseries(
+        'Delay suffered from others by route',
+        (
+            "Seconds per second that each route's requests were ready to run but waited because "
+            'other code held the event loop (requests of other routes or of the same route, or '
+            'code outside any request), summed over the selected instances (recording rule '
+            'instance_method_route:loopwatch_request_delayed_seconds_sum:rate1m, 1-minute '
+            'windows). A request is never charged for waiting on itself. Requests wait at the '
+            "same time, so the sum can exceed 1. Counted from the request's first step on the "
+            'loop, for requests through the middleware. A wake-up by a timer (asyncio.sleep) is '
+            'timed exactly; one by I/O that arrived while the loop was held is an upper bound, '
+            'counted from the start of that busy stretch.'
+        ),
+        [
+            ((
+                'sum by (method, route) '
+                '(instance_method_route:loopwatch_request_delayed_seconds_sum:rate1m{$sel})'
+            ), '{{method}} {{route}}'),
+        ],
+        unit='s', w=8, h=8,
+    ),
+    timeseries(
+        'Loop time held by route, beside the delay',
+        (
+            "Seconds of event-loop time each route's requests held per second, over the same "
+            "1-minute windows as the delay next to it (recording rule "
+            'instance_method_route:loopwatch_request_blocking_seconds_sum:rate1m): while one '
+            'held the loop, every other ready request waited. A route high here while others '
+            'suffer delay is whom they waited on. Code outside any request holds the loop too '
+            'and is not here: its blocks are route "<none>" in "Blocks per minute by route".'
+        ),
+        [
+            ((
+                'sum by (method, route) '
+                '(instance_method_route:loopwatch_request_blocking_seconds_sum:rate1m{$sel})'
+            ), '{{method}} {{route}}'),
+        ],
+        unit='s', w=8, h=8, stacked=True,
+    ),
+    timeseries(
+        'Share of latency spent waiting on others',
+        (
+            "Per route, the share of its requests' duration spent waiting on other code: delay "
+            "suffered divided by request duration, both summed over the route's requests in "
+            'each 1-minute window (recording rule '
+            'instance_method_route:loopwatch_request_delayed_seconds_per_duration_seconds:'
+            'ratio_rate1m). Shown for the selected instance where it is highest, as the alert '
+            'judges each instance alone. A route near 100 % is slow because of others, not '
+            'because of its own code or its dependencies.\n\nThresholds: '
+            'LoopwatchRouteDelayedByOthers (above 50 % for 10 minutes, at 1 request a second or '
+            'more and over 50 ms of delay per request).'
+        ),
+        [
+            ((
+                'max by (method, route) (instance_method_route:'
+                'loopwatch_request_delayed_seconds_per_duration_seconds:ratio_rate1m{$sel})'
+            ), '{{method}} {{route}}'),
+        ],
+        unit='percentunit', w=8, h=8, thresholds=DELAYED_BY_OTHERS,
     ),
 ]
 

@@ -28,11 +28,15 @@ class AnyOwner(Protocol):
 
 
 class _PyOwnerState:
-    """What a step charges on its owner: ``busy`` (``_ctiming.OwnerState`` is its C twin,
-    where the hooks add to a C double)."""
+    """What a step charges on its owner: ``busy``, and ``delayed`` with the two fields it is
+    measured from (see :mod:`._waiting`). ``_ctiming.OwnerState`` is its C twin, where the
+    hooks write C doubles."""
 
-    __slots__ = ("busy",)
+    __slots__ = ("busy", "delayed", "last_end", "others_mark")
     busy: float
+    delayed: float
+    last_end: float
+    others_mark: float
 
 
 #: The base of every owner.
@@ -46,13 +50,18 @@ class Owner(OwnerState):
     """Accumulates the loop time of the steps that run in its context.
 
     ``busy`` is seconds of loop time held by the owner's own code (its task steps and the
-    steps of tasks it spawned). ``method`` and ``route`` label the block events it causes.
+    steps of tasks it spawned); ``delayed`` is seconds its steps were ready to run but other
+    code held the loop (see :mod:`._waiting`). ``method`` and ``route`` label the block
+    events it causes.
     """
 
     __slots__ = ("__weakref__", "method", "route")
 
     def __init__(self, method: str | None = None, route: str | None = None) -> None:
         self.busy = 0.0
+        self.delayed = 0.0
+        self.last_end = 0.0
+        self.others_mark = 0.0
         self.method = method
         self.route = route
 
@@ -61,7 +70,8 @@ class Owner(OwnerState):
         return self.method, self.route
 
     def __repr__(self) -> str:
-        return f"<Owner {self.method} {self.route} busy={self.busy:.6f}>"
+        return (f"<Owner {self.method} {self.route} busy={self.busy:.6f} "
+                f"delayed={self.delayed:.6f}>")
 
 
 current_owner: ContextVar[AnyOwner | None] = ContextVar("loopwatch_owner", default=None)

@@ -2,7 +2,7 @@
 # built: the same code, with the request's owner and totals as C structs. See _request.py.
 cimport cython
 
-cdef object _clock, _set_owner, _reset_owner, bisect_left, _running_loop, array
+cdef object _clock, _set_owner, _reset_owner, bisect_left, _running_loop, array, running_wait
 
 cdef class RequestPath:
     cdef dict __dict__
@@ -19,9 +19,12 @@ cdef class RequestPath:
     cdef public object monitor
 
 cdef class RequestOwner:
-    # busy first, no C methods (no vtable): the layout of _ctiming.OwnerState, whose charge
-    # the C hooks add straight to (they check that at start-up: configure(owner_type=...))
+    # busy, delayed, last_end, others_mark first, no C methods (no vtable): the layout of
+    # _ctiming.OwnerState, whose fields the C hooks write straight to (they check that at start-up: configure(owner_type=...))
     cdef public double busy
+    cdef public double delayed
+    cdef public double last_end
+    cdef public double others_mark
     cdef public object method
     cdef public object route
     cdef public object scope
@@ -38,15 +41,18 @@ cdef class Totals:
     cdef public double blocking_first
     cdef long long[::1] duration_counts
     cdef long long[::1] blocking_counts
+    cdef long long[::1] delayed_counts
     cdef object _duration
     cdef object _blocking
+    cdef object _delayed
     cdef public double duration_sum
     cdef public double blocking_sum
+    cdef public double delayed_sum
     cdef public dict statuses
     cdef public long count
     cdef public list raw
     @cython.locals(statuses=dict, i=Py_ssize_t)
-    cpdef add(self, long status, double duration, double blocking)
+    cpdef add(self, long status, double duration, double blocking, double delayed)
 
 @cython.locals(owner=RequestOwner)
 cpdef RequestOwner new_owner(object scope, object routes, object send)
@@ -55,10 +61,10 @@ cpdef bint _is_last(RequestOwner owner, dict message) except -1
 
 @cython.locals(raw=list)
 cpdef void keep_raw(Totals totals, long status, double duration, double blocking,
-                    object scheme)
+                    double delayed, object scheme)
 
 cpdef void release_owner(RequestOwner owner, object method, object route)
 
-@cython.locals(now=double, blocking=double, step_start=double, ended=double, duration=double,
+@cython.locals(now=double, blocking=double, delayed=double, step_start=double, ended=double, duration=double,
                status=long, entry=tuple, totals=Totals, fields=dict)
 cpdef object finish(RequestOwner owner, object monitor, double start, dict cache, object scope)

@@ -3,7 +3,8 @@
  * Exactly what loopwatch/_hooks.py does around each loop step, and nothing else:
  *
  *   StepState       the base of Monitor: the fields every step reads and writes, as C doubles
- *   OwnerState      the base of every owner: its busy time, a C double the hooks add to
+ *   OwnerState      the base of every owner: its busy time and its wait for others (see
+ *                   _waiting.py), C doubles the hooks write
  *   handle_run()    asyncio: the Handle._run replacement (_hooks._timed_run). It times the
  *                   original Handle._run; once _hooks.verify_inline() has seen that it
  *                   answers exactly as the original does, it runs the callback in its
@@ -15,8 +16,10 @@
  *   TaskFactory     uvloop: makes those tasks for plain coroutines while the monitor runs;
  *                   anything else goes to the pure-Python factory (_hooks.make_task_factory)
  *
- * After a step (account()): the monitor's busy time, the owner's (the ContextVar of the step's
- * context), and monitor._on_block(t0, dt, owner, what) for a step of the threshold or more. A
+ * Before a step (begin_step()): its start, and the loop's run (_waiting.begin_step). After a
+ * step (account()): the monitor's busy time, the owner's (the ContextVar of the step's
+ * context) and the owner's wait before the step (_waiting.charge_wait), and
+ * monitor._on_block(t0, dt, owner, what) for a step of the threshold or more. A
  * failure there is counted by monitor._internal_error("step accounting"), as in Python; the
  * step's own result or exception goes on unchanged. Only the stable C API is used (the
  * pending exception is set aside with PyErr_GetRaisedException from 3.12, PyErr_Fetch before).
@@ -70,7 +73,7 @@ static PyObject *owner_var;   /* the ContextVar holding the current owner */
 static PyTypeObject *owner_type; /* another type laid out as OwnerState (configure()) */
 static PyObject *s_on_block, *s_internal_error, *s_accounting, *s_monitor_attr, *s_loop,
     *s_context, *s_callback, *s_args, *s_get, *s_busy, *s_throw, *s_close, *s_await,
-    *s_get_coro, *s_context_kw, *s_eager_start_kw, *kw_loop, *kw_loop_context;
+    *s_get_coro, *s_wake_due, *s_context_kw, *s_eager_start_kw, *kw_loop, *kw_loop_context;
 
 /* The clock of time.perf_counter(), the one the watchdog thread compares step_start with. */
 #if defined(__linux__)
@@ -109,6 +112,7 @@ typedef struct {
     double step_start;
     double busy;
     double threshold;
+    double last_end, idle, run_start, due, idle_gap, look_after; /* see _waiting.py */
     char active;
 } StepState;
 
@@ -117,6 +121,16 @@ static PyMemberDef ss_members[] = {
      "perf_counter() at the start of the running step (0: none)."},
     {"busy", T_DOUBLE, offsetof(StepState, busy), 0, "Seconds the loop ran steps."},
     {"threshold", T_DOUBLE, offsetof(StepState, threshold), 0, "Block threshold (seconds)."},
+    {"last_end", T_DOUBLE, offsetof(StepState, last_end), 0, "When the last step ended."},
+    {"idle", T_DOUBLE, offsetof(StepState, idle), 0, "Seconds of the loop's pauses so far."},
+    {"run_start", T_DOUBLE, offsetof(StepState, run_start), 0,
+     "When the loop last started running without a pause."},
+    {"due", T_DOUBLE, offsetof(StepState, due), 0,
+     "The running step's timer due time (0: none known)."},
+    {"idle_gap", T_DOUBLE, offsetof(StepState, idle_gap), 0,
+     "A longer time between two steps is a pause of the loop."},
+    {"look_after", T_DOUBLE, offsetof(StepState, look_after), 0,
+     "After a run this long, a step's timer is looked up."},
     {"active", T_BOOL, offsetof(StepState, active), 0, "Whether the monitor is running."},
     {NULL},
 };
@@ -136,11 +150,17 @@ static PyTypeObject StepStateType = {
 typedef struct {
     PyObject_HEAD
     double busy;
+    double delayed, last_end, others_mark; /* see _waiting.py */
 } OwnerState;
 
 static PyMemberDef os_members[] = {
     {"busy", T_DOUBLE, offsetof(OwnerState, busy), 0,
      "Seconds of loop time the owner's steps held the loop."},
+    {"delayed", T_DOUBLE, offsetof(OwnerState, delayed), 0,
+     "Seconds the owner's steps were ready but others held the loop."},
+    {"last_end", T_DOUBLE, offsetof(OwnerState, last_end), 0, "When its last step ended."},
+    {"others_mark", T_DOUBLE, offsetof(OwnerState, others_mark), 0,
+     "Time passed less pauses and its own steps, when its last step ended."},
     {NULL},
 };
 
@@ -202,18 +222,44 @@ report_block(PyObject *mon, double t0, double dt, PyObject *owner, PyObject *wha
     return r == NULL ? -1 : 0;
 }
 
+/* _waiting.running_wait: the owner's wait before its step that started at t0 */
+static inline double
+running_wait(StepState *state, OwnerState *o, double t0)
+{
+    double others = t0 - state->idle - o->busy - o->others_mark;
+    if (LIKELY(others <= 0.0 || o->last_end == 0.0)) {
+        return 0.0;
+    }
+    double ready = o->last_end;
+    if (state->run_start > ready) {
+        ready = state->run_start;
+    }
+    if (state->due > ready) {
+        ready = state->due;
+    }
+    double wait = t0 - ready;
+    return wait <= 0.0 ? 0.0 : (wait < others ? wait : others);
+}
+
 /* What _hooks._account does: the step's time to the monitor and the owner (None: nobody's),
- * and a block of the threshold or more to the monitor. Never raises: a failure is counted by
- * the monitor as its internal error. The pending exception (the step's) is kept. */
+ * the owner's wait before it, and a block of the threshold or more to the monitor. Never
+ * raises: a failure is counted by the monitor as its internal error. The pending exception
+ * (the step's) is kept. */
 static void
 account(StepState *state, double t0, double dt, PyObject *owner, PyObject *what)
 {
     int slow_owner = 0;
+    double end = t0 + dt;
     state->step_start = 0.0;
+    state->last_end = end;
     state->busy += dt;
     if (owner != Py_None) {
         if (LIKELY(fast_owner(owner))) {
-            ((OwnerState *)owner)->busy += dt;
+            OwnerState *o = (OwnerState *)owner;
+            o->delayed += running_wait(state, o, t0);
+            o->busy += dt;
+            o->last_end = end;
+            o->others_mark = end - state->idle - o->busy;
         }
         else {
             slow_owner = 1;
@@ -227,6 +273,7 @@ account(StepState *state, double t0, double dt, PyObject *owner, PyObject *what)
     int rc = slow_owner ? charge(owner, dt) : 0;
     if (rc == 0 && dt >= state->threshold) {
         rc = report_block((PyObject *)state, t0, dt, owner, what);
+        state->last_end = now(); /* reporting held the loop too: no pause */
     }
     if (rc < 0) {
         PyErr_Clear();
@@ -238,6 +285,42 @@ account(StepState *state, double t0, double dt, PyObject *owner, PyObject *what)
         Py_XDECREF(r);
     }
     pending_restore(&pending);
+}
+
+/* -- before a step ----------------------------------------------------------------------------- */
+
+/* monitor._wake_due(t0, what): the due time of the timer that woke the step (0: none) */
+static NOINLINE void
+look_closer(StepState *state, double t0, PyObject *what)
+{
+    Pending pending;
+    pending_save(&pending);
+    PyObject *start = PyFloat_FromDouble(t0);
+    PyObject *due = start == NULL ? NULL : PyObject_CallMethodObjArgs(
+        (PyObject *)state, s_wake_due, start, what, NULL);
+    double value = due == NULL ? 0.0 : PyFloat_AsDouble(due);
+    state->due = value == -1.0 ? 0.0 : value;
+    Py_XDECREF(start);
+    Py_XDECREF(due);
+    pending_restore(&pending); /* (the method reports its own failures) */
+}
+
+/* What _waiting.begin_step does: the step's start; the loop's pauses and run (a step that
+ * starts more than idle_gap after the last one ended follows a pause), and the due time of the step's timer
+ * after a run of look_after or more. */
+static inline void
+begin_step(StepState *state, double t0, PyObject *what)
+{
+    state->step_start = t0;
+    state->due = 0.0;
+    double gap = t0 - state->last_end;
+    if (gap > state->idle_gap) {
+        state->idle += gap;
+        state->run_start = t0;
+    }
+    else if (UNLIKELY(t0 - state->run_start >= state->look_after)) {
+        look_closer(state, t0, what);
+    }
 }
 
 /* The current context's owner (a new reference; None outside any, or on a failure). */
@@ -501,7 +584,7 @@ hr_run(HandleRun *self, PyObject *handle)
     }
     PyObject *owner = NULL;
     double t0 = now();
-    state->step_start = t0;
+    begin_step(state, t0, handle);
     PyObject *result = (self->inline_run && callback != NULL)
         ? run_inline(self, handle, ctx, callback, &owner)
         : PyObject_CallOneArg(self->original, handle);
@@ -665,7 +748,7 @@ tc_am_send(TimedCoroutine *self, PyObject *arg, PyObject **result)
 {
     StepState *state = (StepState *)self->monitor;
     double t0 = now();
-    state->step_start = t0;
+    begin_step(state, t0, (PyObject *)self);
     PySendResult status = PyIter_Send(self->coro, arg, result);
     end_task_step(self->monitor, t0);
     return status;
@@ -702,7 +785,7 @@ tc_throw(TimedCoroutine *self, PyObject *args)
     }
     StepState *state = (StepState *)self->monitor;
     double t0 = now();
-    state->step_start = t0;
+    begin_step(state, t0, (PyObject *)self);
     PyObject *result = PyObject_Call(throw, args, NULL);
     Py_DECREF(throw);
     end_task_step(self->monitor, t0);
@@ -975,9 +1058,9 @@ static PyTypeObject TaskFactoryType = {
 /* -- the module -------------------------------------------------------------------------------- */
 
 /* configure(owner_var=ContextVar, owner_type=None): the ContextVar that holds the current
- * owner; and a type whose instances keep their busy time as OwnerState does (the compiled
- * RequestOwner), checked here: an instance's busy, set by attribute, must read back from
- * the struct. Returns whether that type is used. */
+ * owner; and a type whose instances keep their fields as OwnerState does (the compiled
+ * RequestOwner), checked here: each field, set by attribute, must read back from the
+ * struct. Returns whether that type is used. */
 static PyObject *
 configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwds)
 {
@@ -999,12 +1082,12 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwds)
         Py_RETURN_FALSE;
     }
     PyObject *probe = PyObject_CallMethod(type, "__new__", "O", type);
-    int same = 0;
-    if (probe != NULL && Py_TYPE(probe) == (PyTypeObject *)type) {
-        PyObject *value = PyFloat_FromDouble(1234.5);
-        if (value != NULL && PyObject_SetAttr(probe, s_busy, value) == 0) {
-            same = ((OwnerState *)probe)->busy == 1234.5;
-        }
+    int same = probe != NULL && Py_TYPE(probe) == (PyTypeObject *)type;
+    for (PyMemberDef *m = os_members; same && m->name != NULL; m++) {
+        double expected = 1234.5 + (double)m->offset;
+        PyObject *value = PyFloat_FromDouble(expected);
+        same = value != NULL && PyObject_SetAttrString(probe, m->name, value) == 0 &&
+            *(double *)((char *)probe + m->offset) == expected;
         Py_XDECREF(value);
     }
     Py_XDECREF(probe);
@@ -1048,6 +1131,7 @@ PyInit__ctiming(void)
     INTERN(s_args, "_args");
     INTERN(s_get, "get");
     INTERN(s_busy, "busy");
+    INTERN(s_wake_due, "_wake_due");
     INTERN(s_throw, "throw");
     INTERN(s_close, "close");
     INTERN(s_await, "__await__");

@@ -2,3 +2,6 @@
 cdef extern from *:
     ctypedef class loopwatch._ctiming.OwnerState [object OwnerState]:
         cdef double busy
+        cdef double delayed
+        cdef double last_end
+        cdef double others_mark

@@ -6,8 +6,9 @@ are Cython classes that never call it, so on uvloop the monitor installs a task 
 wraps each task's coroutine and times each ``send`` / ``throw`` -- every task step, which is
 where all ASGI application code runs.
 
-Both do the same thing around a step: note its start where the watchdog can see it, run it,
-add its duration to the loop's busy time and to the owner found in the step's context, and
+Both do the same thing around a step: note its start where the watchdog can see it (and
+where :mod:`._waiting` needs it), run it, add its duration to the loop's busy time and to the
+owner found in the step's context, charge the owner the wait before it (:mod:`._waiting`), and
 hand anything that held the loop for the threshold or more to the monitor
 (:meth:`Monitor._on_block`). A failure of that accounting is counted as loopwatch's internal
 error; it never reaches the step.
@@ -34,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._accel import ctiming
 from ._attribution import current_owner
+from ._waiting import begin_step as _begin
+from ._waiting import charge_wait as _charge_wait
 
 if TYPE_CHECKING:
     from ._monitor import Monitor
@@ -58,11 +61,18 @@ def _account(mon: Any, t0: float, dt: float, owner: Any, callback: Any) -> None:
     """After a step of ``dt`` seconds that started at ``t0``."""
     try:
         mon.step_start = 0.0
+        end = t0 + dt
+        mon.last_end = end
         mon.busy += dt  # (a stopped monitor's busy time is no longer read)
         if owner is not None:
+            try:
+                _charge_wait(mon, owner, t0, end)  # see _waiting
+            except AttributeError:  # an owner with a busy time only (AnyOwner)
+                pass
             owner.busy += dt
         if dt >= mon.threshold:
             mon._on_block(t0, dt, owner, callback)
+            mon.last_end = _clock()  # reporting held the loop too: no pause
     except Exception:  # noqa: BLE001 - never break the step we time
         mon._internal_error("step accounting")
 
@@ -78,7 +88,7 @@ def _timed_run(self: asyncio.Handle, _run: Any = _original_run, _clock: Any = _c
         _run(self)
         return
     t0 = _clock()
-    mon.step_start = t0
+    _begin(mon, t0, self)
     try:
         _run(self)
     finally:
@@ -209,7 +219,7 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
     def send(self, value: Any, _clock: Any = _clock, _var: Any = _owner_var) -> Any:
         mon = self._monitor
         t0 = _clock()
-        mon.step_start = t0
+        _begin(mon, t0, self)
         try:
             return self._coro.send(value)
         finally:
@@ -218,7 +228,7 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
     def throw(self, *args: Any) -> Any:
         mon = self._monitor
         t0 = _clock()
-        mon.step_start = t0
+        _begin(mon, t0, self)
         try:
             return self._coro.throw(*args)
         finally:

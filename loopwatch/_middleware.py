@@ -155,7 +155,7 @@ class LoopWatchMiddleware(request.RequestPath):  # type: ignore[misc]
         await self.app(scope, receive, send)
 
     def _record_first(self, owner: RequestOwner, scope: Scope,
-                      missed: tuple[int, float, float]) -> None:
+                      missed: tuple[int, float, float, float]) -> None:
         """Record a request the cache did not know (the first of its method and endpoint, or
         one whose label its endpoint alone does not decide)."""
         series = self._series_for(scope)

@@ -36,6 +36,7 @@ from ._hooks import (
     uninstall_handle_hook,
 )
 from ._sched import Mark, SchedReader, inside, open_reader
+from ._waiting import IDLE_GAP, LOOK_AFTER, wake_due
 from ._watchdog import DEAD, DISABLED, GIL_HELD, NOT_SAMPLED, Sample, Watchdog
 
 if TYPE_CHECKING:
@@ -105,8 +106,9 @@ class Monitor(StepState):
     (a server run without lifespan) takes the monitor's hooks with it.
     """
 
-    # Attributes written on every step (step_start, busy, threshold, active) are in the
-    # StepState base: C fields where the extension was built, else plain slots.
+    # Attributes written on every step (step_start, busy, threshold, active, and the loop's
+    # waiting: last_end, idle, run_start, due, idle_gap, look_after) are in the StepState base: C
+    # fields where the extension was built, else plain slots.
     __slots__ = (
         "_block_sinks",
         "_busy_reported",
@@ -168,6 +170,12 @@ class Monitor(StepState):
         self.threshold = self.config.block_threshold
         self.step_start = 0.0
         self.busy = 0.0
+        self.last_end = 0.0
+        self.idle = 0.0
+        self.run_start = 0.0
+        self.due = 0.0
+        self.idle_gap = IDLE_GAP
+        self.look_after = LOOK_AFTER
         self._sample: Sample | None = None
         self._untimed_sample: Sample | None = None
         self.probe_deadline = 0.0
@@ -502,6 +510,15 @@ class Monitor(StepState):
             return owner.busy
         self._closing = (start, owner)
         return owner.busy + ((_clock() if now is None else now) - start)
+
+    def _wake_due(self, t0: float, what: Any) -> float:
+        """Called by the step hooks before a step that follows a long run of the loop: the due
+        time of the timer that woke it, else 0 (see :mod:`._waiting`)."""
+        try:
+            return wake_due(what, self._loop_ref() if self._loop_ref is not None else None)
+        except Exception:  # noqa: BLE001 - never break the step we time
+            self._internal_error("step accounting")
+            return 0.0
 
     def _on_block(self, t0: float, duration: float, owner: AnyOwner | None, callback: Any) -> None:
         """Called on the loop thread after a step that ran longer than the threshold."""

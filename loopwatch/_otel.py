@@ -12,6 +12,7 @@ instrument                                  kind, unit             attributes
 ``loopwatch.event_loop.busy``               counter, s             --
 ``loopwatch.event_loop.block.duration``     histogram, s           the request's (below)
 ``loopwatch.request.blocking``              histogram, s           method, route
+``loopwatch.request.delayed``               histogram, s           method, route
 ``http.server.request.duration``            histogram, s           method, route, status,
                                                                    scheme, ``error.type``
 ``http.server.active_requests``             up-down counter        method, scheme
@@ -99,6 +100,12 @@ class OtelMetrics:
         self.request_blocking = meter.create_histogram(
             "loopwatch.request.blocking", unit="s",
             description="Event-loop time held by each request's own code.",
+            explicit_bucket_boundaries_advisory=BLOCKING_BUCKETS,
+        )
+        self.request_delayed = meter.create_histogram(
+            "loopwatch.request.delayed", unit="s",
+            description="Time each request's own steps were ready to run but other code "
+                        "held the event loop.",
             explicit_bucket_boundaries_advisory=BLOCKING_BUCKETS,
         )
         self.request_duration = meter.create_histogram(
@@ -192,9 +199,10 @@ class OtelMetrics:
                 self._lost(lost)
             record_duration = self.request_duration.record
             record_blocking = self.request_blocking.record
+            record_delayed = self.request_delayed.record
             method, route = series.method, series.route
             cache = self._request_attributes
-            for status, duration, blocking, scheme in raw:
+            for status, duration, blocking, delayed, scheme in raw:
                 key = (method, route, status, scheme if scheme in _SCHEMES else None)
                 pair = cache.get(key)
                 if pair is None:
@@ -202,6 +210,7 @@ class OtelMetrics:
                     self._note_active_key((method, key[3]))
                 record_duration(duration, pair[0])
                 record_blocking(blocking, pair[1])
+                record_delayed(delayed, pair[1])
 
     def _lost(self, n: int) -> None:
         """Requests counted but not kept: more than RAW_LIMIT between two drains (no probe

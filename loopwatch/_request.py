@@ -22,6 +22,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from ._attribution import current_owner
+from ._waiting import running_wait
 from ._routes import RouteIndex, method_label
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
@@ -114,9 +115,12 @@ class RequestOwner:
     """The loop time of one request (an owner, as :class:`~loopwatch.Owner` is); its route
     is read from the scope once routed."""
 
-    __slots__ = ("__weakref__", "busy", "ended", "method", "route", "routes", "scope",
-                 "server_send", "status")
+    __slots__ = ("__weakref__", "busy", "delayed", "ended", "last_end", "method",
+                 "others_mark", "route", "routes", "scope", "server_send", "status")
     busy: float
+    delayed: float
+    last_end: float
+    others_mark: float
     method: str | None
     route: str | None
     scope: Scope
@@ -147,7 +151,8 @@ class RequestOwner:
         release_owner(self, method, route)
 
     def __repr__(self) -> str:
-        return f"<RequestOwner {self.method} {self.route} busy={self.busy:.6f}>"
+        return (f"<RequestOwner {self.method} {self.route} busy={self.busy:.6f} "
+                f"delayed={self.delayed:.6f}>")
 
 
 def _is_last(owner: RequestOwner, message: dict[str, Any]) -> bool:
@@ -175,6 +180,9 @@ def new_owner(scope: Scope, routes: RouteIndex, send: Send) -> RequestOwner:
     """A request's owner, in the state a request starts in."""
     owner = RequestOwner.__new__(RequestOwner)
     owner.busy = 0.0
+    owner.delayed = 0.0
+    owner.last_end = 0.0
+    owner.others_mark = 0.0
     owner.scope = scope
     owner.routes = routes
     owner.server_send = send
@@ -197,12 +205,13 @@ def release_owner(owner: RequestOwner, method: str, route: str) -> None:
 
 
 def finish(owner: RequestOwner, monitor: Monitor | None, start: float, cache: Cache,
-           scope: Scope) -> tuple[int, float, float] | None:
-    """A request's last moment, in its last step: its status, duration and loop time,
-    added to the totals ``cache`` holds for its (method, endpoint). None when recorded; else
-    (status, duration, blocking), for the caller to record."""
+           scope: Scope) -> tuple[int, float, float, float] | None:
+    """A request's last moment, in its last step: its status, duration, loop time and delay
+    from others, added to the totals ``cache`` holds for its (method, endpoint). None when
+    recorded; else (status, duration, blocking, delayed), for the caller to record."""
     now = _clock()
     blocking = owner.busy
+    delayed = owner.delayed
     if monitor is not None:
         # Charge the step still running too (a handler that blocks and returns without
         # another await would otherwise be charged nothing; nor would background tasks run
@@ -212,6 +221,7 @@ def finish(owner: RequestOwner, monitor: Monitor | None, start: float, cache: Ca
         if step_start:
             monitor._closing = (step_start, owner)
             blocking += now - step_start
+            delayed += running_wait(monitor, owner, step_start)
     status = owner.status or 500
     ended = owner.ended
     duration = (ended if ended else now) - start
@@ -225,31 +235,33 @@ def finish(owner: RequestOwner, monitor: Monitor | None, start: float, cache: Ca
             entry = cache.get((fields.get("method"), id(endpoint)))  # type: ignore[arg-type]
             if entry is not None and entry[0] is endpoint:
                 totals = entry[1]
-                totals.add(status, duration, blocking)
+                totals.add(status, duration, blocking, delayed)
                 if totals.raw is not None:  # exported through OpenTelemetry too
-                    keep_raw(totals, status, duration, blocking, fields.get("scheme"))
+                    keep_raw(totals, status, duration, blocking, delayed, fields.get("scheme"))
                 release_owner(owner, entry[2], entry[3])
                 return None
-    return status, duration, blocking
+    return status, duration, blocking, delayed
 
 
-def keep_raw(totals: Totals, status: int, duration: float, blocking: float,
+def keep_raw(totals: Totals, status: int, duration: float, blocking: float, delayed: float,
              scheme: Any) -> None:
     """Keep one request's values for an exporter that takes each observation (OpenTelemetry,
     :mod:`._otel`), which drains ``totals.raw`` at every probe; at most ``RAW_LIMIT`` wait."""
     raw = totals.raw
     if raw is not None and len(raw) < RAW_LIMIT:
-        raw.append((status, duration, blocking, scheme))
+        raw.append((status, duration, blocking, delayed, scheme))
 
 
 class Totals:
     """The running totals of one (method, route), written by one loop thread: bucket counts
-    and sums of durations and blocking times, counts by status; and, while an exporter takes
-    each observation, the requests since its last drain (``raw``, else None)."""
+    and sums of durations, blocking times and delays from others (the last two share their
+    bounds), counts by status; and, while an exporter takes each observation, the requests
+    since its last drain (``raw``, else None)."""
 
-    __slots__ = ("_blocking", "_duration", "blocking_bounds", "blocking_counts",
-                 "blocking_first", "blocking_sum", "count", "duration_bounds",
-                 "duration_counts", "duration_first", "duration_sum", "raw", "statuses")
+    __slots__ = ("_blocking", "_delayed", "_duration", "blocking_bounds", "blocking_counts",
+                 "blocking_first", "blocking_sum", "count", "delayed_counts", "delayed_sum",
+                 "duration_bounds", "duration_counts", "duration_first", "duration_sum", "raw",
+                 "statuses")
     duration_bounds: tuple[float, ...]
     blocking_bounds: tuple[float, ...]
     #: The first bounds, where most requests land (a C double where compiled).
@@ -258,15 +270,18 @@ class Totals:
     #: The bucket counts: arrays of 64-bit integers (written in place where compiled)...
     duration_counts: Any
     blocking_counts: Any
+    delayed_counts: Any
     #: ... and the same arrays as Python objects, for snapshot().
     _duration: array[int]
     _blocking: array[int]
+    _delayed: array[int]
     duration_sum: float
     blocking_sum: float
+    delayed_sum: float
     statuses: dict[int, int]
     count: int
-    #: (status, duration, blocking, scheme) of each request since the exporter's last drain.
-    raw: list[tuple[int, float, float, Any]] | None
+    #: (status, duration, blocking, delayed, scheme) of each request since the last drain.
+    raw: list[tuple[int, float, float, float, Any]] | None
 
     def __init__(self, duration_bounds: tuple[float, ...],
                  blocking_bounds: tuple[float, ...]) -> None:
@@ -276,15 +291,18 @@ class Totals:
         self.blocking_first = self.blocking_bounds[0]
         self._duration = array("q", bytes(8 * (len(self.duration_bounds) + 1)))
         self._blocking = array("q", bytes(8 * (len(self.blocking_bounds) + 1)))
+        self._delayed = array("q", bytes(8 * (len(self.blocking_bounds) + 1)))
         self.duration_counts = self._duration
         self.blocking_counts = self._blocking
+        self.delayed_counts = self._delayed
         self.duration_sum = 0.0
         self.blocking_sum = 0.0
+        self.delayed_sum = 0.0
         self.statuses = {}
         self.count = 0
         self.raw = None
 
-    def add(self, status: int, duration: float, blocking: float) -> None:
+    def add(self, status: int, duration: float, blocking: float, delayed: float) -> None:
         """Record one finished request (most land in the first buckets)."""
         i = 0 if duration <= self.duration_first else bisect_left(self.duration_bounds, duration)
         self.duration_counts[i] += 1
@@ -292,14 +310,19 @@ class Totals:
         i = 0 if blocking <= self.blocking_first else bisect_left(self.blocking_bounds, blocking)
         self.blocking_counts[i] += 1
         self.blocking_sum += blocking
+        i = 0 if delayed <= self.blocking_first else bisect_left(self.blocking_bounds, delayed)
+        self.delayed_counts[i] += 1
+        self.delayed_sum += delayed
         statuses = self.statuses
         statuses[status] = statuses.get(status, 0) + 1
         self.count += 1
 
-    def snapshot(self) -> tuple[list[int], list[int], float, float, dict[int, int], int]:
-        """(duration counts, blocking counts, duration sum, blocking sum, statuses, count).
+    def snapshot(self) -> tuple[list[int], list[int], list[int], float, float, float,
+                                dict[int, int], int]:
+        """(duration, blocking and delay counts; their three sums; statuses; count).
 
         Read from another thread while the loop adds: each part is consistent in itself, and
         what one fold misses of another part the next fold hands over."""
-        return (self._duration.tolist(), self._blocking.tolist(), self.duration_sum,
-                self.blocking_sum, self.statuses.copy(), self.count)
+        return (self._duration.tolist(), self._blocking.tolist(), self._delayed.tolist(),
+                self.duration_sum, self.blocking_sum, self.delayed_sum, self.statuses.copy(),
+                self.count)

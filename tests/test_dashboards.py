@@ -157,6 +157,7 @@ def test_rows_in_order(dashboard: dict[str, Any]) -> None:
         "HTTP",
         "Thread pool",
         "Load shedding",
+        "Who waited on whom",
     ]
 
 
@@ -226,6 +227,31 @@ def test_load_shedding_row(dashboard: dict[str, Any]) -> None:
     # Routes that shed nothing read 0 (from the request counter), not a gap.
     assert re.search(r"\nor\n.*loopwatch_requests_total.*\* 0$", exprs(shed)[0]), exprs(shed)
     _find(row, r"^max by \(job, instance\) \(loopwatch_shedding\{")
+
+
+def test_who_waited_on_whom_row(dashboard: dict[str, Any]) -> None:
+    row = rows(dashboard)["Who waited on whom"]
+    # Delay suffered and loop time held, per route, over the same recorded 1-minute windows.
+    suffered = _find(
+        row,
+        r"^sum by \(method, route\) "
+        r"\(instance_method_route:loopwatch_request_delayed_seconds_sum:rate1m\{",
+        unit="s",
+    )
+    held = _find(
+        row,
+        r"^sum by \(method, route\) "
+        r"\(instance_method_route:loopwatch_request_blocking_seconds_sum:rate1m\{",
+        unit="s",
+    )
+    assert suffered["gridPos"]["y"] == held["gridPos"]["y"], "side by side"
+    # The share the alert evaluates, per route: the worst instance's, never a sum of ratios.
+    _find(
+        row,
+        r"^max by \(method, route\) \(instance_method_route:"
+        r"loopwatch_request_delayed_seconds_per_duration_seconds:ratio_rate1m\{",
+        unit="percentunit",
+    )
 
 
 def test_topk_panels_find_the_worst_instances(dashboard: dict[str, Any]) -> None:
@@ -468,7 +494,8 @@ def test_generator_keeps_everything_the_handwritten_dashboard_had() -> None:
       of a whole job have no instance label and stay),
     * the Route variable comes after the three there were,
     * the schema version is the SDK's (newer), and an empty ``timepicker`` is left out,
-    * the "Load shedding" row (opt-in admission) comes after every panel there was.
+    * the "Load shedding" row (opt-in admission) and the "Who waited on whom" row come after
+      every panel there was (so the old panels keep their ids, and links to them still work).
     """
     gen = _generator()
     old = json.loads(HANDWRITTEN.read_text())
@@ -494,7 +521,9 @@ def test_generator_keeps_everything_the_handwritten_dashboard_had() -> None:
     assert missing_from(variables, new["templating"]["list"][: len(variables)]) == []
     assert [v["name"] for v in new["templating"]["list"][len(variables):]] == ["route"]
     added = new["panels"][len(old["panels"]):]
-    assert [p["title"] for p in added if p["type"] == "row"] == ["Load shedding"], added
+    assert [p["title"] for p in added if p["type"] == "row"] == [
+        "Load shedding", "Who waited on whom",
+    ], added
     new = {**new, "panels": new["panels"][: len(old["panels"])]}
     assert missing_from(old, {k: v for k, v in new.items() if k != "templating"}) == []
 

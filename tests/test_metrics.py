@@ -25,7 +25,8 @@ def test_folded_totals_equal_observing_every_request() -> None:
     rng = random.Random(7)
     values = [(rng.choice([200, 200, 404, 500]),
                rng.choice([*HTTP_BUCKETS, rng.uniform(0, 12), rng.expovariate(200)]),
-               rng.choice([*BLOCKING_BUCKETS, rng.uniform(0, 1e-3), rng.uniform(0, 12)]))
+               rng.choice([*BLOCKING_BUCKETS, rng.uniform(0, 1e-3), rng.uniform(0, 12)]),
+               rng.choice([0.0, *BLOCKING_BUCKETS, rng.uniform(0, 1e-3), rng.uniform(0, 12)]))
               for _ in range(5_000)]
     registry = CollectorRegistry()
     metrics = metrics_for(registry)
@@ -35,18 +36,22 @@ def test_folded_totals_equal_observing_every_request() -> None:
                              registry=reference)
     ref_blocking = Histogram("loopwatch_request_blocking_seconds", "",
                              buckets=BLOCKING_BUCKETS, registry=reference)
+    ref_delayed = Histogram("loopwatch_request_delayed_seconds", "",
+                            buckets=BLOCKING_BUCKETS, registry=reference)
     statuses: dict[int, int] = {}
-    for i, (status, duration, blocking) in enumerate(values):
-        series.add(status, duration, blocking)
+    for i, (status, duration, blocking, delayed) in enumerate(values):
+        series.add(status, duration, blocking, delayed)
         ref_duration.observe(duration)
         ref_blocking.observe(blocking)
+        ref_delayed.observe(delayed)
         statuses[status] = statuses.get(status, 0) + 1
         if i % 997 == 0:
             metrics.flush()  # folds in several batches, each only what it had not folded
     assert metrics.pending > 0
     metrics.flush()
     assert metrics.pending == 0
-    for name in ("loopwatch_request_duration_seconds", "loopwatch_request_blocking_seconds"):
+    for name in ("loopwatch_request_duration_seconds", "loopwatch_request_blocking_seconds",
+                 "loopwatch_request_delayed_seconds"):
         got = _histogram(registry, name, method="GET", route="/x")
         want = _histogram(reference, name)
         assert got.keys() == want.keys()
@@ -76,7 +81,7 @@ def test_a_flush_in_another_thread_loses_nothing() -> None:
     thread.start()
     try:
         for i in range(150_000):
-            series[i % 3].add(200 + (i % 2), 0.001, 0.0001)
+            series[i % 3].add(200 + (i % 2), 0.001, 0.0001, 0.0)
     finally:
         stop.set()
         thread.join()

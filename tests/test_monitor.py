@@ -115,6 +115,7 @@ def test_cpu_bound_loop_is_one_block_with_a_frame_in_the_loop(run: Any) -> None:
     event = w.blocks[0]
     assert event.timed
     assert took >= 0.15 and within(event.duration, took), (event.duration, took)
+    assert event.frames, event
     assert event.frames[0].function.endswith("spin"), event.frames[0]
     assert event.frames[0].line in loop_lines, event.frames[0]
     assert event.hint == CPU_HINT

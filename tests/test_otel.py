@@ -72,7 +72,8 @@ def _prometheus(registry: CollectorRegistry) -> dict[tuple[str, str, str], float
         for s in family.samples:
             if s.name in ("loopwatch_request_duration_seconds_sum",
                           "loopwatch_request_duration_seconds_count",
-                          "loopwatch_request_blocking_seconds_sum"):
+                          "loopwatch_request_blocking_seconds_sum",
+                          "loopwatch_request_delayed_seconds_sum"):
                 out[(s.name, s.labels["method"], s.labels["route"])] = s.value
     return out
 
@@ -122,6 +123,12 @@ def test_requests_and_blocks_match_the_prometheus_metrics(
     for route, point in blocking.items():
         assert math.isclose(point.sum, prom[("loopwatch_request_blocking_seconds_sum", "GET",
                                               route or "<unmatched>")], rel_tol=1e-9)
+    delayed = {p.attributes.get("http.route"): p
+               for p in _points(reader, "loopwatch.request.delayed")}
+    assert delayed["/a"].count == 2
+    for route, point in delayed.items():
+        assert math.isclose(point.sum, prom[("loopwatch_request_delayed_seconds_sum", "GET",
+                                              route or "<unmatched>")], rel_tol=1e-9, abs_tol=1e-12)
     # Units and kinds as OpenTelemetry names them.
     assert _metric(reader, "http.server.request.duration").unit == "s"
     assert list(duration[("/a", 200)].explicit_bounds)[:3] == [0.005, 0.01, 0.025]
@@ -227,7 +234,8 @@ def test_otlp_http_export_decodes_with_the_official_protobuf(loop_kind: str) -> 
     assert sum(p.count for p in block) >= 1 and max(p.max for p in block) >= 0.2
     assert metrics["loopwatch.event_loop.busy"].sum.is_monotonic
     assert metrics["loopwatch.event_loop.lag"].histogram.data_points[0].count > 0
-    for name in ("loopwatch.request.blocking", "http.server.active_requests",
+    for name in ("loopwatch.request.blocking", "loopwatch.request.delayed",
+                 "http.server.active_requests",
                  "loopwatch.threadpool.threads.limit", "loopwatch.internal_errors"):
         assert name in metrics, sorted(metrics)
 
@@ -288,8 +296,8 @@ def test_requests_kept_for_export_are_bounded(monkeypatch: pytest.MonkeyPatch,
     otel.attach(series)
     monkeypatch.setattr(request_path, "RAW_LIMIT", 3)
     for _ in range(5):
-        series.add(200, 0.01, 0.001)
-        request_path.keep_raw(series.totals, 200, 0.01, 0.001, "http")
+        series.add(200, 0.01, 0.001, 0.0)
+        request_path.keep_raw(series.totals, 200, 0.01, 0.001, 0.0, "http")
     assert len(series.totals.raw) == 3
     otel.drain()
     assert series.totals.raw == []

@@ -176,13 +176,15 @@ def test_unit_tests_check_the_rendered_annotations() -> None:
 
 
 def _mutations() -> list[tuple[str, int, str, dict[str, Any]]]:
-    """(description, rule index, field, new rule) for each alert: its threshold and hold moved."""
+    """(description, rule index, field, new rule) for each alert: each threshold and its hold
+    moved. A threshold is every number an ordering comparison (``>``, ``>=``, ``<``, ``<=``)
+    compares with: the alert's own, and any floor it applies first (a minimum request rate)."""
     out = []
     rules = load_rules(RULES_DIR / "loopwatch-alerts.yml")
     for i, rule in enumerate(rules):
         label = f"{rule['alert']}/{rule['labels']['severity']}"
-        m = re.search(r"(>=?|<=?)\s*([0-9.]+)\s*$", rule["expr"])
-        if m:
+        found = list(re.finditer(r"(>=?|<=?)\s*([0-9.]+)(?![\w.])", rule["expr"]))
+        for m in found:
             value = float(m.group(2))
             moved = [value * 3, value / 3] if value else [1.0, -1.0]
             for new in moved:
@@ -195,7 +197,7 @@ def _mutations() -> list[tuple[str, int, str, dict[str, Any]]]:
                 mutated = copy.deepcopy(rule)
                 mutated["for"] = f"{int(new_s)}s"
                 out.append((f"{label}: for {rule['for']} -> {mutated['for']}", i, "for", mutated))
-        if not m and "for" not in rule:
+        if not found and "for" not in rule:
             raise AssertionError(f"{label}: no threshold and no for: to mutate")
     return out
 

@@ -19,6 +19,13 @@ metric names and labels of loopwatch's metric contract: it checks the dashboard 
 the contract itself, independently of the demo. Its anti-pattern also makes it shed requests
 (as loopwatch's opt-in admission would): the demo runs without admission, so there the
 load-shedding panels read their 0 fallback, and this is where their real series are proven.
+While it blocks, one of its routes spends most of its latency waiting (delay from others), so
+``LoopwatchRouteDelayedByOthers`` fires for that route alone.
+
+In the demo, the delay is the real loopwatch's: the load generator's routes await the upstream
+simulator while the anti-pattern holds the loop with ``time.sleep``, so their I/O wake-ups and
+first steps wait behind it; ``test_stack_end_to_end`` checks that the *Who waited on whom* panels
+show a route other than the anti-pattern suffering delay.
 """
 
 from __future__ import annotations
@@ -80,6 +87,23 @@ def assert_all_panels_have_data(stack: Stack, timeout: float) -> list[panels.Pan
     return results
 
 
+def per_route_panels(stack: Stack, titles: set[str]) -> dict[str, dict[str, float]]:
+    """Panel title -> {route: value} of each titled per-route panel's query, run now as
+    Grafana would run it with every variable at "All"."""
+    dashboard = panels.load_dashboard()
+    results = panels.check_panels(stack.prometheus_url, dashboard, stack.panel_variables(dashboard))
+    return {
+        r.target.panel: {s["metric"]["route"]: float(s["value"][1]) for s in r.samples or []}
+        for r in results
+        if r.target.panel in titles
+    }
+
+
+DELAY_PANEL = "Delay suffered from others by route"
+HELD_PANEL = "Loop time held by route, beside the delay"
+SHARE_PANEL = "Share of latency spent waiting on others"
+
+
 def wait_for_alert(stack: Stack, state: str, timeout: float) -> float:
     start = time.monotonic()
     promapi.wait_for(
@@ -132,6 +156,31 @@ class AntiPattern:
         self._client.close()
 
 
+def assert_routes_wait_on_the_anti_pattern(stack: Stack, timeout: float) -> None:
+    """The real loopwatch charges delay to the demo's routes that wait behind the anti-patterns
+    (the test's, and those in the load generator's mix): some route that never blocks suffers
+    delay, an anti-pattern holds the most loop time, and no route's delay is more than its
+    duration."""
+    seen: dict[str, dict[str, float]] = {}
+
+    def waiting_seen() -> bool:
+        nonlocal seen
+        seen = per_route_panels(stack, {DELAY_PANEL, HELD_PANEL, SHARE_PANEL})
+        delay, held, share = (seen.get(t, {}) for t in (DELAY_PANEL, HELD_PANEL, SHARE_PANEL))
+        victims = [v for r, v in delay.items() if not r.startswith("/antipatterns/")]
+        shares = [v for v in share.values() if math.isfinite(v)]
+        return (
+            any(v > 0 for v in victims)
+            and bool(held) and max(held, key=held.__getitem__).startswith("/antipatterns/")
+            and bool(shares) and all(0 <= v <= 1.0 + 1e-9 for v in shares)
+        )
+
+    try:
+        promapi.wait_for(waiting_seen, timeout=timeout, interval=1.0, what="the delay series")
+    except TimeoutError:
+        pytest.fail(f"the 'Who waited on whom' panels do not show the routes waiting: {seen}")
+
+
 @pytest.mark.slow
 def test_stack_end_to_end(tmp_path: Path) -> None:
     with Stack(data_dir=tmp_path / "stack", alert_for=ALERT_FOR) as stack:
@@ -142,6 +191,7 @@ def test_stack_end_to_end(tmp_path: Path) -> None:
         with AntiPattern(stack.url("demo") + ANTI_PATTERN_PATH, ANTI_PATTERN_CONCURRENCY) as anti:
             wait_for_alert(stack, "firing", timeout=60)
             assert_all_panels_have_data(stack, timeout=60)
+            assert_routes_wait_on_the_anti_pattern(stack, timeout=30)
             assert stack.alert_state(BLOCKED_ALERT) == "firing"
         assert anti.responses.get(200, 0) > 0, (
             f"anti-pattern route never answered 200: {anti.responses}"
@@ -162,6 +212,8 @@ def test_stack_end_to_end(tmp_path: Path) -> None:
 
 SHED_ROUTE = "/items/{item_id}"
 SHED_PER_S = 4.0
+# While the anti-pattern blocks, this route's requests take 100 ms, 80 ms of it waiting.
+DELAYED_ROUTE = "/items/{item_id}"
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BLOCK_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
@@ -204,13 +256,15 @@ class ContractExporter:
         self.lag = _Histogram(LAG_BUCKETS)
         self.blocks: dict[tuple[str, str], _Histogram] = {}
         self.req_blocking: dict[tuple[str, str], _Histogram] = {}
+        self.req_delayed: dict[tuple[str, str], _Histogram] = {}
         self.duration: dict[tuple[str, str], _Histogram] = {}
         self.requests: dict[tuple[str, str, str], float] = {}
         self.shed: dict[tuple[str, str], float] = {}
         self.shedding = 0
 
     def _request(
-        self, route: str, status: str, per_s: float, dt: float, dur: float, loop: float
+        self, route: str, status: str, per_s: float, dt: float, dur: float, loop: float,
+        delayed: float,
     ) -> None:
         key = ("GET", route)
         self.requests[("GET", route, status)] = (
@@ -218,19 +272,26 @@ class ContractExporter:
         )
         self.duration.setdefault(key, _Histogram(HTTP_BUCKETS)).observe(dur, per_s * dt)
         self.req_blocking.setdefault(key, _Histogram(LAG_BUCKETS)).observe(loop, per_s * dt)
+        self.req_delayed.setdefault(key, _Histogram(LAG_BUCKETS)).observe(delayed, per_s * dt)
 
     def _advance(self) -> None:
         now = time.monotonic()
         dt, self._last = now - self._last, now
         self.lag.observe(0.0008, 100 * dt)
         self.busy += 0.2 * dt
-        self._request("/items/{item_id}", "200", 20, dt, 0.02, 0.004)
-        self._request("/items/{item_id}", "502", 1, dt, 0.05, 0.004)
-        self._request("/sync", "200", 5, dt, 0.3, 0.001)
+        # Calm, a request waits on others a few ms; while the anti-pattern blocks, the requests
+        # of DELAYED_ROUTE wait behind it for most of their duration.
+        slow = self.blocking
+        self._request(DELAYED_ROUTE, "200", 20, dt, 0.1 if slow else 0.02, 0.004,
+                      0.08 if slow else 0.002)
+        self._request(DELAYED_ROUTE, "502", 1, dt, 0.1 if slow else 0.05, 0.004,
+                      0.08 if slow else 0.002)
+        self._request("/sync", "200", 5, dt, 0.3, 0.001, 0.002)
         if self.blocking:
             self.lag.observe(0.2, 6 * dt)
             self.busy += 0.6 * dt
-            self._request("/antipatterns/sleep", "200", 6, dt, 0.3, 0.15)
+            # Each waits a little on the other anti-pattern requests, never on itself.
+            self._request("/antipatterns/sleep", "200", 6, dt, 0.3, 0.15, 0.05)
             self.blocks.setdefault(
                 ("GET", "/antipatterns/sleep"), _Histogram(BLOCK_BUCKETS)
             ).observe(0.15, 6 * dt)
@@ -260,6 +321,9 @@ class ContractExporter:
             out.append("# TYPE loopwatch_request_blocking_seconds histogram")
             for (m, r), h in self.req_blocking.items():
                 out += h.lines("loopwatch_request_blocking_seconds", f'method="{m}",route="{r}"')
+            out.append("# TYPE loopwatch_request_delayed_seconds histogram")
+            for (m, r), h in self.req_delayed.items():
+                out += h.lines("loopwatch_request_delayed_seconds", f'method="{m}",route="{r}"')
             out.append("# TYPE loopwatch_request_duration_seconds histogram")
             for (m, r), h in self.duration.items():
                 out += h.lines("loopwatch_request_duration_seconds", f'method="{m}",route="{r}"')
@@ -340,6 +404,28 @@ def assert_shedding_panels_read_the_shed_series(stack: Stack, timeout: float) ->
         pytest.fail(f"the load-shedding panels do not show the shedding: {seen}")
 
 
+def assert_waiting_panels_name_victim_and_culprit(stack: Stack, timeout: float) -> None:
+    """The "Who waited on whom" panels show DELAYED_ROUTE suffering the most delay, with more
+    than half of its latency spent waiting, and the anti-pattern holding the most loop time."""
+    seen: dict[str, dict[str, float]] = {}
+
+    def shown() -> bool:
+        nonlocal seen
+        seen = per_route_panels(stack, {DELAY_PANEL, HELD_PANEL, SHARE_PANEL})
+        delay, held, share = (seen.get(t, {}) for t in (DELAY_PANEL, HELD_PANEL, SHARE_PANEL))
+        # The 1m windows of the recording rules fill up over the first minute of blocking.
+        return (
+            bool(delay) and max(delay, key=delay.__getitem__) == DELAYED_ROUTE
+            and bool(held) and max(held, key=held.__getitem__) == "/antipatterns/sleep"
+            and 0.5 < share.get(DELAYED_ROUTE, 0) <= 0.8 * 1.01
+        )
+
+    try:
+        promapi.wait_for(shown, timeout=timeout, interval=1.0, what="the delay series")
+    except TimeoutError:
+        pytest.fail(f"the 'Who waited on whom' panels do not name victim and culprit: {seen}")
+
+
 def test_contract_exporter(tmp_path: Path, contract_exporter: tuple[ContractExporter, str]) -> None:
     exporter, target = contract_exporter
     with Stack(
@@ -353,6 +439,7 @@ def test_contract_exporter(tmp_path: Path, contract_exporter: tuple[ContractExpo
         assert took >= parse_duration(ALERT_FOR) - 1  # it held for its (capped) for: duration
         assert_all_panels_have_data(stack, timeout=30)
         assert_shedding_panels_read_the_shed_series(stack, timeout=30)
+        assert_waiting_panels_name_victim_and_culprit(stack, timeout=30)
         # The alerts about other failure modes stay quiet. (The lag alert may pend or fire too,
         # depending on how much of its 1m window the blocking covers by now.)
         states = {r["name"]: r["state"] for r in promapi.alerting_rules(stack.prometheus_url)}
@@ -368,3 +455,10 @@ def test_contract_exporter(tmp_path: Path, contract_exporter: tuple[ContractExpo
         # The exporter has shed for longer than the (capped) hold: LoopwatchShedding fires.
         promapi.wait_for(lambda: stack.alert_state("LoopwatchShedding") == "firing",
                          timeout=30, what="LoopwatchShedding to fire")
+        # DELAYED_ROUTE has waited on the anti-pattern for most of its latency, at 21 requests
+        # a second and 80 ms a request, for longer than the (capped) hold: the alert fires for
+        # it, and for no other route (/sync waits 2 ms of 300, the anti-pattern 50 of 300).
+        delayed = 'ALERTS{alertname="LoopwatchRouteDelayedByOthers", alertstate="firing"}'
+        promapi.wait_for(lambda: stack.query(delayed), timeout=60,
+                         what="LoopwatchRouteDelayedByOthers to fire")
+        assert [a["metric"]["route"] for a in stack.query(delayed)] == [DELAYED_ROUTE]

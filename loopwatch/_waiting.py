@@ -1,0 +1,144 @@
+"""Who waited: the time an owner's steps were ready to run but other code held the loop.
+
+Every step hook (:mod:`._hooks`, and its C twin) keeps, per loop, when the last step ended
+(``last_end``), the pauses of the loop so far (``idle``: a step that starts more than
+``IDLE_GAP`` after the previous one ended follows a pause, in which the loop had nothing to
+run) and when the loop last started running after one (``run_start``); and, per owner, when
+its last step ended and a mark from which the time *other* code held the loop since then
+follows (``others_mark``: that time is the time passed, less the owner's own steps and the
+loop's pauses). When an owner's step starts, the wait it suffered is
+
+    min(time other code held the loop since the owner's last step,
+        start of this step - the earliest moment it can have been ready)
+
+"Other code" is other owners' steps, steps of no owner, and the loop's own work between
+steps (on uvloop that includes plain callbacks, such as the server's protocol code, which
+are not timed one by one; one that runs longer than ``IDLE_GAP`` looks like a pause). The
+earliest moment is the latest of: the end of the owner's last step, the start of the loop's
+current run (before that pause nothing was ready), and — for a task woken by the
+timer of an ``asyncio.sleep`` — that timer's due time. An owner is never charged for its own
+steps (its ``gather`` children are the same owner), nor for a pause of the loop.
+
+What this sees exactly: a timer that ran late (on asyncio, any timer: its handle's due time;
+on uvloop, whose timers run unseen in C, an ``asyncio.sleep``: its due time is read from the
+sleeping coroutine) -- both looked up only when the loop has run ``LOOK_AFTER`` or more
+without a pause; and a step woken by another task's step (it is ready from inside that step,
+so within the run). What it estimates: a step woken by I/O that arrived while the loop was
+running. The moment the data arrived is not known, so it is charged from the start of that
+run (or the owner's last step, if later): an upper bound, off by at most the part of the run
+before the data came. On uvloop, other timers (``wait_for``, ``asyncio.timeout``) are
+estimated the same way.
+
+The C twin (``account`` and ``begin_step`` in ``_ctiming.c``) does exactly this for each
+step; :func:`running_wait` is the same charge for the step still running when a request
+finishes (:func:`._request.finish`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from typing import Any
+
+__all__ = ["IDLE_GAP", "LOOK_AFTER", "begin_step", "charge_wait", "running_wait", "wake_due"]
+
+#: A step that starts more than this after the loop's previous step ended follows a pause of
+#: the loop (seconds). Small idle periods count as running: that errs towards charging.
+IDLE_GAP = 0.001
+#: After the loop has run this long without a pause, a step's wake-up is looked at closely:
+#: a late ``asyncio.sleep`` timer's due time is read (seconds).
+LOOK_AFTER = 0.002
+
+_clock = time.perf_counter
+_SLEEP = asyncio.sleep.__code__
+#: Await chains deeper than this are not followed.
+_DEPTH = 64
+
+
+def begin_step(mon: Any, t0: float, what: Any) -> None:
+    """Before a step that starts at ``t0``: the loop's run, and its due time where that is
+    worth a look (``what``: the step's handle, or its timed coroutine)."""
+    mon.step_start = t0
+    mon.due = 0.0
+    gap = t0 - mon.last_end
+    if gap > mon.idle_gap:
+        mon.idle += gap
+        mon.run_start = t0
+    elif t0 - mon.run_start >= mon.look_after:
+        mon.due = mon._wake_due(t0, what)
+
+
+def running_wait(mon: Any, owner: Any, t0: float) -> float:
+    """The wait charged to ``owner`` for its step that started at ``t0`` (its busy time not
+    yet counting that step)."""
+    others: float = t0 - mon.idle - owner.busy - owner.others_mark
+    if others <= 0.0 or not owner.last_end:
+        return 0.0
+    ready = owner.last_end
+    if mon.run_start > ready:
+        ready = mon.run_start
+    if mon.due > ready:
+        ready = mon.due
+    wait: float = t0 - ready
+    if wait <= 0.0:
+        return 0.0
+    return wait if wait < others else others
+
+
+def charge_wait(mon: Any, owner: Any, t0: float, end: float) -> None:
+    """After ``owner``'s step from ``t0`` to ``end``, before it is added to its busy time:
+    charge the wait before it, and mark where the owner's next wait starts."""
+    owner.delayed += running_wait(mon, owner, t0)
+    owner.last_end = end
+    owner.others_mark = end - mon.idle - owner.busy - (end - t0)
+
+
+def wake_due(what: Any, loop: asyncio.AbstractEventLoop | None) -> float:
+    """When the step about to run was due (``perf_counter`` time): an asyncio timer's own due
+    time, or that of the ``asyncio.sleep`` timer the task about to step was waiting in (the
+    timer of uvloop is not seen run); 0 for anything else."""
+    if loop is None:
+        return 0.0
+    if isinstance(what, asyncio.TimerHandle):
+        return what.when() + (_clock() - loop.time())
+    coro = _coroutine_of(what)
+    for _ in range(_DEPTH):
+        if coro is None:
+            return 0.0
+        if getattr(coro, "cr_code", None) is _SLEEP:
+            frame = coro.cr_frame
+            timer = frame.f_locals.get("h") if frame is not None else None
+            when = getattr(timer, "when", None)
+            if when is None:
+                return 0.0
+            return float(when()) + (_clock() - loop.time())
+        coro = _awaited(coro)
+    return 0.0
+
+
+def _awaited(coro: Any) -> Any:
+    """What ``coro`` is suspended in: its ``cr_await`` (``gi_yieldfrom`` for a generator);
+    through an awaitable that wraps a coroutine and shows nothing of it (a compiled
+    coroutine's ``__await__``, as loopwatch's own middleware), the coroutine it holds."""
+    inner = getattr(coro, "cr_await", None)
+    if inner is None:
+        inner = getattr(coro, "gi_yieldfrom", None)
+    if inner is None or hasattr(inner, "cr_await") or hasattr(inner, "gi_yieldfrom"):
+        return inner
+    held = [ref for ref in gc.get_referents(inner) if hasattr(ref, "cr_await")]
+    return held[0] if len(held) == 1 else None
+
+
+def _coroutine_of(what: Any) -> Any:
+    """The coroutine of the task a step runs: ``what`` is a timed coroutine (its ``wrapped``)
+    or a Handle whose callback is a bound method of a task."""
+    wrapped = getattr(what, "wrapped", None)
+    if wrapped is not None:
+        return wrapped()
+    task = getattr(getattr(what, "_callback", None), "__self__", None)
+    if isinstance(task, asyncio.Task):
+        coro = task.get_coro()
+        wrapped = getattr(coro, "wrapped", None)
+        return coro if wrapped is None else wrapped()
+    return None

@@ -1,0 +1,124 @@
+"""The "who waited" scenarios: requests that wait behind other code holding the loop.
+
+``/fast`` sleeps 50 ms (an ``asyncio.sleep`` timer); ``/slow?after=N`` waits until ``N`` (default
+``FAST``) sleeps have begun, sleeps 10 ms more, then holds the loop 200 ms with
+``time.sleep``: every sleeper wakes late, by the end of the block minus its own timer's due
+time. The app notes those moments (``timeline``) so a test can say what the delay should be.
+``/fanout`` sleeps in three ``gather`` children, ``/background`` in a background task after
+its response. ``/cuts`` holds the loop in small slices (``n`` of ``ms`` each, yielding between
+them), ``/yields`` only yields ``n`` times: many of them at once load the loop without a
+single block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.background import BackgroundTask
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+import loopwatch
+
+FAST = 5
+SLEEP = 0.05
+BLOCK = 0.2
+
+
+class Timeline:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        #: perf_counter() when each /fast started its sleep
+        self.sleeps: list[float] = []
+        self.block: tuple[float, float] = (0.0, 0.0)
+
+    def expected_delay(self, sleeps: list[float] | None = None) -> float:
+        """What the sleeps waited for /slow in all: each from its timer's due time to the end
+        of the block."""
+        end = self.block[1]
+        return sum(max(0.0, end - (start + SLEEP)) for start in (
+            self.sleeps if sleeps is None else sleeps))
+
+
+def spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def build(registry: CollectorRegistry, **options: Any) -> Starlette:
+    timeline = Timeline()
+    state: dict[str, Any] = {}
+
+    def asleep() -> asyncio.Event:
+        event = state.get("asleep")
+        if event is None:
+            event = state["asleep"] = asyncio.Event()
+        return event
+
+    async def sleep() -> None:
+        timeline.sleeps.append(time.perf_counter())
+        if len(timeline.sleeps) == state.get("after", FAST):
+            asleep().set()
+        await asyncio.sleep(SLEEP)
+
+    async def fast(request: Request) -> PlainTextResponse:
+        await sleep()
+        return PlainTextResponse("fast")
+
+    async def fanout(request: Request) -> PlainTextResponse:
+        await asyncio.gather(sleep(), sleep(), sleep())
+        return PlainTextResponse("fanout")
+
+    async def background(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("background", background=BackgroundTask(sleep))
+
+    async def cuts(request: Request) -> PlainTextResponse:
+        for _ in range(int(request.query_params.get("n", "20"))):
+            spin(float(request.query_params.get("ms", "1")) / 1000)
+            await asyncio.sleep(0)
+        return PlainTextResponse("cuts")
+
+    async def yields(request: Request) -> PlainTextResponse:
+        for _ in range(int(request.query_params.get("n", "20"))):
+            await asyncio.sleep(0)
+        return PlainTextResponse("yields")
+
+    async def slow(request: Request) -> PlainTextResponse:
+        state["after"] = int(request.query_params.get("after", FAST))
+        if len(timeline.sleeps) >= state["after"]:
+            asleep().set()
+        await asleep().wait()
+        await asyncio.sleep(0.01)
+        start = time.perf_counter()
+        time.sleep(BLOCK)
+        timeline.block = (start, time.perf_counter())
+        return PlainTextResponse("slow")
+
+    async def reset(request: Request) -> PlainTextResponse:
+        timeline.reset()
+        state.pop("asleep", None)
+        state.pop("after", None)
+        return PlainTextResponse("reset")
+
+    app = Starlette(routes=[
+        Route("/fast", fast), Route("/slow", slow), Route("/reset", reset),
+        Route("/fanout", fanout), Route("/background", background), Route("/cuts", cuts),
+        Route("/yields", yields),
+        Mount("/metrics", loopwatch.metrics_app(registry)),
+    ])
+    app.add_middleware(loopwatch.LoopWatchMiddleware, registry=registry,
+                       exclude_paths=["/reset"], **options)
+    app.state.timeline = timeline
+    return app
+
+
+#: For ``uvicorn tests.apps.waiting:app`` (the server in a process of its own).
+app = build(CollectorRegistry())

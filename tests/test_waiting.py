@@ -1,0 +1,175 @@
+"""Who waited: each request's delay from other code holding the loop
+(``loopwatch_request_delayed_seconds``), in process and through a real uvicorn server, on
+asyncio and uvloop. The scenarios are in ``tests/apps/waiting.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from harness.servers import free_port, serve_in_subprocess, serve_in_thread
+from loopwatch._metrics import metrics_for
+from tests.apps import waiting
+from tests.conftest import run_on
+
+DELAYED = "loopwatch_request_delayed_seconds"
+
+#: Each scenario: the requests sent at once, and what the delay of the first path's
+#: requests should be in all, from the app's timeline.
+SCENARIOS: dict[str, tuple[list[str], Callable[[Any], float]]] = {
+    # Five requests asleep; 10 ms later /slow blocks 200 ms: each wakes ~160 ms late.
+    "sleepers": ([*["/fast"] * waiting.FAST, "/slow"], lambda t: t.expected_delay()),
+    # One request asleep in three gather children: it waited once, not three times (its
+    # children are the request itself), from its earliest timer.
+    "gather": (["/fanout", "/slow?after=3"], lambda t: t.expected_delay([min(t.sleeps)])),
+    # Background tasks sleep after the response, still within the request.
+    "background": ([*["/background"] * waiting.FAST, "/slow"], lambda t: t.expected_delay()),
+}
+
+
+def histogram(registry: CollectorRegistry, name: str, route: str, count: int) -> float:
+    """The sum of ``name`` for GET ``route``, once ``count`` requests are in."""
+    metrics = metrics_for(registry)
+    labels = {"method": "GET", "route": route}
+    deadline = time.monotonic() + 5
+    while True:
+        metrics.flush()
+        seen = registry.get_sample_value(f"{name}_count", labels) or 0.0
+        if seen >= count:
+            return registry.get_sample_value(f"{name}_sum", labels) or 0.0
+        assert time.monotonic() < deadline, f"{route}: {seen} of {count} requests recorded"
+        time.sleep(0.02)
+
+
+async def send_together(client: httpx.AsyncClient, paths: list[str]) -> None:
+    await client.get("/reset")
+    responses = await asyncio.gather(*(client.get(path) for path in paths))
+    assert [r.status_code for r in responses] == [200] * len(paths)
+
+
+def check(registry: CollectorRegistry, app: Any, name: str) -> None:
+    paths, expect = SCENARIOS[name]
+    victim = paths[0]
+    got = histogram(registry, DELAYED, victim, paths.count(victim))
+    slow = histogram(registry, DELAYED, "/slow", 1)
+    expected = expect(app.state.timeline)
+    print(f"{name}: {victim} delayed {got:.3f} s over {paths.count(victim)} requests "
+          f"(expected {expected:.3f} s from the app's timeline); /slow {slow * 1000:.1f} ms")
+    # Each sleeper was due 50 ms after it fell asleep, 10 ms before the 200 ms block.
+    assert 0.14 * paths.count(victim) < expected < 0.2 * paths.count(victim)
+    assert got == pytest.approx(expected, rel=0.10)
+    assert slow < 0.02  # it waited on the sleepers, who never held the loop for long
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_a_request_is_charged_what_it_waited_for_others_in_process(
+        loop_kind: str, name: str) -> None:
+    registry = CollectorRegistry()
+    app = waiting.build(registry)
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            await client.get("/reset")  # starts the monitor: the tasks after it are timed
+            await send_together(client, SCENARIOS[name][0])
+
+    run_on(loop_kind, main())
+    check(registry, app, name)
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_a_request_is_charged_what_it_waited_for_others_through_uvicorn(
+        loop_kind: str, name: str) -> None:
+    registry = CollectorRegistry()
+    app = waiting.build(registry)
+
+    async def main(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            await send_together(client, SCENARIOS[name][0])
+
+    with serve_in_thread(app, loop=loop_kind) as server:
+        asyncio.run(main(server.url))
+    check(registry, app, name)
+
+
+def test_death_by_a_thousand_cuts(loop_kind: str) -> None:
+    """Eight requests hold the loop 1 ms at a time, 20 times each, yielding in between: no
+    block, but each waits for the others' slices every time. All their waiting was for
+    others, so what they were charged is their duration less their own loop time."""
+    registry = CollectorRegistry()
+    app = waiting.build(registry)
+    n = 8
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            await client.get("/reset")
+            await send_together(client, ["/cuts?n=20&ms=1"] * n)
+
+    run_on(loop_kind, main())
+    delayed = histogram(registry, DELAYED, "/cuts", n)
+    duration = histogram(registry, "loopwatch_request_duration_seconds", "/cuts", n)
+    held = histogram(registry, "loopwatch_request_blocking_seconds", "/cuts", n)
+    print(f"/cuts x{n}: delayed {delayed:.3f} s, duration {duration:.3f} s, own loop time "
+          f"{held:.3f} s")
+    assert registry.get_sample_value("loopwatch_event_loop_block_duration_seconds_count",
+                                     {"method": "GET", "route": "/cuts"}) is None
+    assert held > n * 0.020  # each held the loop 20 x 1 ms
+    # Each waited for the 7 others' slices 20 times: ~140 ms each.
+    assert delayed > n * 0.1
+    assert delayed == pytest.approx(duration - held, rel=0.10)
+
+
+def _scrape(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics/").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("route") == "/yields" and s.name.endswith(("_sum", "_count")):
+                out[s.name] = s.value
+    return out
+
+
+def test_a_saturated_loop_without_blocks(loop_kind: str) -> None:
+    """A real server (its own process) saturated by 64 clients at once, each request only
+    yielding to the loop 50 times: no block, yet every request spends most of its time
+    waiting for the others' steps, and is charged that."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["-m", "uvicorn", "tests.apps.waiting:app", "--port", str(port), "--loop",
+            loop_kind, "--log-level", "warning"]
+
+    async def load() -> int:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+            end = time.monotonic() + 2.0
+            sent = 0
+            while time.monotonic() < end:
+                responses = await asyncio.gather(
+                    *(client.get("/yields?n=50") for _ in range(64)))
+                assert all(r.status_code == 200 for r in responses)
+                sent += len(responses)
+            return sent
+
+    with serve_in_subprocess([*args], port=port, path="/reset"):
+        sent = asyncio.run(load())
+        deadline = time.monotonic() + 5
+        while (got := _scrape(url)).get(f"{DELAYED}_count", 0) < sent:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    delayed = got[f"{DELAYED}_sum"]
+    duration = got["loopwatch_request_duration_seconds_sum"]
+    held = got["loopwatch_request_blocking_seconds_sum"]
+    print(f"/yields x{sent} ({loop_kind}): delayed {delayed:.3f} s, duration {duration:.3f} s, "
+          f"own loop time {held:.3f} s, ratio {delayed / (duration - held):.2f}")
+    assert held < 0.5 * duration
+    # Within 10 %: a request's own time includes the part of its first step before the
+    # middleware started its clock, and the loop's work between steps is nobody's.
+    assert delayed == pytest.approx(duration - held, rel=0.10)
