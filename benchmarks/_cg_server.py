@@ -22,9 +22,12 @@ def main() -> None:
     from fastapi import FastAPI
 
     from . import bench_apps
-    from loopwatch import _monitor
+    from loopwatch import _monitor, _waiting
 
     _monitor._TICK_SECONDS = 1.0 * scale  # type: ignore[attr-defined]
+    # and the gaps by which steps tell a pause and a long run (see loopwatch._waiting)
+    _monitor.IDLE_GAP = _waiting.IDLE_GAP * scale  # type: ignore[attr-defined]
+    _monitor.LOOK_AFTER = _waiting.LOOK_AFTER * scale  # type: ignore[attr-defined]
     app: FastAPI = bench_apps.VARIANTS[variant]()
 
     @app.get("/_cg/zero")

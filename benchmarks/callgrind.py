@@ -19,7 +19,9 @@ Under callgrind the program runs ~50-100x slower while timers keep real time, so
 probe (every 10 ms), its batched metrics flush (on each probe), its once-a-second tick and its
 watchdog (every 75 ms) would fire that much more often per request than natively. The child
 therefore stretches loopwatch's intervals by ``--time-scale`` (default 60: probe 0.6 s,
-threshold 6 s, tick 60 s), so that they fire about as often per request as they do natively;
+threshold 6 s, tick 60 s; and the 1 ms and 2 ms by which the step hooks tell a pause of the
+loop and a long step: otherwise every step would look long), so that they fire about as often
+per request as they do natively;
 the probes per request are reported so this can be checked against overhead.py.
 
 ``--cache-sim`` also has callgrind simulate the caches and the branch predictor
@@ -64,13 +66,16 @@ def child(args: argparse.Namespace) -> None:
     from ._inprocess import LOOPS, Lifespan, drive, item_path
 
     import loopwatch
-    from loopwatch import _monitor
+    from loopwatch import _monitor, _waiting
 
     # Timers stretched by the slowdown (see the docstring); read by Config.from_env().
     scale = args.time_scale
     os.environ["LOOPWATCH_PROBE_INTERVAL"] = str(0.01 * scale)
     os.environ["LOOPWATCH_BLOCK_THRESHOLD"] = str(min(0.1 * scale, 60.0))
     _monitor._TICK_SECONDS = 1.0 * scale  # type: ignore[attr-defined]
+    # and the gaps by which steps tell a pause and a long run (see loopwatch._waiting)
+    _monitor.IDLE_GAP = _waiting.IDLE_GAP * scale  # type: ignore[attr-defined]
+    _monitor.LOOK_AFTER = _waiting.LOOK_AFTER * scale  # type: ignore[attr-defined]
     factories = {**bench_apps.VARIANTS, **bench_apps.ABLATIONS}
     segments: list[dict[str, Any]] = []
 

@@ -112,7 +112,7 @@ typedef struct {
     double step_start;
     double busy;
     double threshold;
-    double last_end, idle, run_start, due, idle_gap, look_after; /* see _waiting.py */
+    double last_end, idle, run_start, long_end, due, idle_gap, look_after; /* _waiting.py */
     char active;
 } StepState;
 
@@ -123,6 +123,8 @@ static PyMemberDef ss_members[] = {
     {"threshold", T_DOUBLE, offsetof(StepState, threshold), 0, "Block threshold (seconds)."},
     {"last_end", T_DOUBLE, offsetof(StepState, last_end), 0, "When the last step ended."},
     {"idle", T_DOUBLE, offsetof(StepState, idle), 0, "Seconds of the loop's pauses so far."},
+    {"long_end", T_DOUBLE, offsetof(StepState, long_end), 0,
+     "When the last step of look_after or more ended."},
     {"run_start", T_DOUBLE, offsetof(StepState, run_start), 0,
      "When the loop last started running without a pause."},
     {"due", T_DOUBLE, offsetof(StepState, due), 0,
@@ -252,6 +254,9 @@ account(StepState *state, double t0, double dt, PyObject *owner, PyObject *what)
     double end = t0 + dt;
     state->step_start = 0.0;
     state->last_end = end;
+    if (dt >= state->look_after) {
+        state->long_end = end;
+    }
     state->busy += dt;
     if (owner != Py_None) {
         if (LIKELY(fast_owner(owner))) {
@@ -306,10 +311,10 @@ look_closer(StepState *state, double t0, PyObject *what)
 }
 
 /* What _waiting.begin_step does: the step's start; the loop's pauses and run (a step that
- * starts more than idle_gap after the last one ended follows a pause), and the due time of the step's timer
- * after a run of look_after or more. */
+ * starts more than idle_gap after the last one ended follows a pause), and, where `look`,
+ * the due time of the step's timer after a run of look_after or more. */
 static inline void
-begin_step(StepState *state, double t0, PyObject *what)
+begin_step(StepState *state, double t0, PyObject *what, int look)
 {
     state->step_start = t0;
     state->due = 0.0;
@@ -318,7 +323,7 @@ begin_step(StepState *state, double t0, PyObject *what)
         state->idle += gap;
         state->run_start = t0;
     }
-    else if (UNLIKELY(t0 - state->run_start >= state->look_after)) {
+    else if (UNLIKELY(look) && t0 - state->run_start >= state->look_after) {
         look_closer(state, t0, what);
     }
 }
@@ -379,6 +384,7 @@ enum { FIELD_LOOP, FIELD_CONTEXT, FIELD_CALLBACK, FIELD_ARGS, N_FIELDS };
 static PyObject **field_names[N_FIELDS] = {&s_loop, &s_context, &s_callback, &s_args};
 static Py_ssize_t field_offsets[N_FIELDS];
 static PyTypeObject *slot_types[2]; /* held; NULL: read by attribute */
+static PyTypeObject *timer_type;    /* asyncio's TimerHandle (held; the last handle type) */
 
 /* handle.<field>, a new reference */
 static inline PyObject *
@@ -584,7 +590,9 @@ hr_run(HandleRun *self, PyObject *handle)
     }
     PyObject *owner = NULL;
     double t0 = now();
-    begin_step(state, t0, handle);
+    /* asyncio's own timers: the due time of the one that runs (a task's step follows it) */
+    int timer = timer_type != NULL && Py_TYPE(handle) == timer_type;
+    begin_step(state, t0, handle, timer);
     PyObject *result = (self->inline_run && callback != NULL)
         ? run_inline(self, handle, ctx, callback, &owner)
         : PyObject_CallOneArg(self->original, handle);
@@ -707,6 +715,10 @@ handle_run(PyObject *Py_UNUSED(module), PyObject *args)
     }
     Py_CLEAR(slot_types[0]);
     Py_CLEAR(slot_types[1]);
+    Py_CLEAR(timer_type);
+    if (n == 2 && PyType_Check(PyTuple_GET_ITEM(types, 1))) {
+        timer_type = (PyTypeObject *)Py_NewRef(PyTuple_GET_ITEM(types, 1));
+    }
     if (fast) {
         memcpy(field_offsets, offsets, sizeof(offsets));
         slot_types[0] = (PyTypeObject *)Py_NewRef(PyTuple_GET_ITEM(types, 0));
@@ -730,27 +742,38 @@ typedef struct {
     PyObject *coro;
     PyObject *monitor;      /* a StepState */
     PyObject *weakreflist;
+    double last_end;        /* when its last step ended (0: none yet) */
 } TimedCoroutine;
 
 static PyTypeObject TimedCoroutineType;
 
+static inline double
+begin_task_step(TimedCoroutine *self)
+{
+    double t0 = now();
+    StepState *state = (StepState *)self->monitor;
+    /* uvloop's timers run unseen: a task's sleep, if a long step ran while it waited */
+    begin_step(state, t0, (PyObject *)self,
+               self->last_end != 0.0 && state->long_end > self->last_end);
+    return t0;
+}
+
 static void
-end_task_step(PyObject *mon, double t0)
+end_task_step(TimedCoroutine *self, double t0)
 {
     double dt = now() - t0;
     PyObject *owner = current_owner(); /* a task step runs in its task's context */
-    account((StepState *)mon, t0, dt, owner, Py_None);
+    account((StepState *)self->monitor, t0, dt, owner, Py_None);
     Py_DECREF(owner);
+    self->last_end = ((StepState *)self->monitor)->last_end;
 }
 
 static PySendResult
 tc_am_send(TimedCoroutine *self, PyObject *arg, PyObject **result)
 {
-    StepState *state = (StepState *)self->monitor;
-    double t0 = now();
-    begin_step(state, t0, (PyObject *)self);
+    double t0 = begin_task_step(self);
     PySendResult status = PyIter_Send(self->coro, arg, result);
-    end_task_step(self->monitor, t0);
+    end_task_step(self, t0);
     return status;
 }
 
@@ -783,12 +806,10 @@ tc_throw(TimedCoroutine *self, PyObject *args)
     if (throw == NULL) {
         return NULL;
     }
-    StepState *state = (StepState *)self->monitor;
-    double t0 = now();
-    begin_step(state, t0, (PyObject *)self);
+    double t0 = begin_task_step(self);
     PyObject *result = PyObject_Call(throw, args, NULL);
     Py_DECREF(throw);
-    end_task_step(self->monitor, t0);
+    end_task_step(self, t0);
     return result;
 }
 
@@ -853,6 +874,7 @@ make_timed(PyObject *coro, PyObject *monitor)
     self->coro = Py_NewRef(coro);
     self->monitor = Py_NewRef(monitor);
     self->weakreflist = NULL;
+    self->last_end = 0.0;
     PyObject_GC_Track(self);
     return (PyObject *)self;
 }

@@ -48,6 +48,7 @@ __all__ = [
 
 _clock = time.perf_counter
 _Handle = asyncio.events.Handle
+_TimerHandle = asyncio.events.TimerHandle
 _original_run = _Handle._run
 
 # Each watched loop carries its monitor in an attribute (an attribute load is cheaper than a
@@ -63,6 +64,8 @@ def _account(mon: Any, t0: float, dt: float, owner: Any, callback: Any) -> None:
         mon.step_start = 0.0
         end = t0 + dt
         mon.last_end = end
+        if dt >= mon.look_after:
+            mon.long_end = end
         mon.busy += dt  # (a stopped monitor's busy time is no longer read)
         if owner is not None:
             try:
@@ -88,7 +91,8 @@ def _timed_run(self: asyncio.Handle, _run: Any = _original_run, _clock: Any = _c
         _run(self)
         return
     t0 = _clock()
-    _begin(mon, t0, self)
+    # asyncio's own timers: the due time of the one that runs (a task's step follows it)
+    _begin(mon, t0, self, type(self) is _TimerHandle)
     try:
         _run(self)
     finally:
@@ -210,29 +214,33 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
     Calling it returns the coroutine: it stands in for its task's ``get_coro``.
     """
 
-    __slots__ = ("__weakref__", "_coro", "_monitor")
+    __slots__ = ("__weakref__", "_coro", "_last_end", "_monitor")
 
     def __init__(self, coro: Any, monitor: Monitor) -> None:
         self._coro = coro
         self._monitor = monitor
+        self._last_end = 0.0
 
     def send(self, value: Any, _clock: Any = _clock, _var: Any = _owner_var) -> Any:
         mon = self._monitor
         t0 = _clock()
-        _begin(mon, t0, self)
+        # uvloop's timers run unseen: a task's sleep, if a long step ran while it waited
+        _begin(mon, t0, self, 0.0 < self._last_end < mon.long_end)
         try:
             return self._coro.send(value)
         finally:
             _account(mon, t0, _clock() - t0, _var.get(), None)
+            self._last_end = mon.last_end
 
     def throw(self, *args: Any) -> Any:
         mon = self._monitor
         t0 = _clock()
-        _begin(mon, t0, self)
+        _begin(mon, t0, self, 0.0 < self._last_end < mon.long_end)
         try:
             return self._coro.throw(*args)
         finally:
             _account(mon, t0, _clock() - t0, _owner_var.get(), None)
+            self._last_end = mon.last_end
 
     def wrapped(self) -> Any:
         """The task's own coroutine."""
@@ -260,6 +268,7 @@ def _py_timed(coro: Any, monitor: Monitor) -> TimedCoroutine:
     timed = _new(TimedCoroutine)
     timed._coro = coro
     timed._monitor = monitor
+    timed._last_end = 0.0
     return timed
 
 

@@ -19,15 +19,18 @@ current run (before that pause nothing was ready), and — for a task woken by t
 timer of an ``asyncio.sleep`` — that timer's due time. An owner is never charged for its own
 steps (its ``gather`` children are the same owner), nor for a pause of the loop.
 
-What this sees exactly: a timer that ran late (on asyncio, any timer: its handle's due time;
-on uvloop, whose timers run unseen in C, an ``asyncio.sleep``: its due time is read from the
-sleeping coroutine) -- both looked up only when the loop has run ``LOOK_AFTER`` or more
-without a pause; and a step woken by another task's step (it is ready from inside that step,
+What this sees exactly: a timer that ran late (on asyncio, any timer: its handle's due time,
+read as it runs; on uvloop, whose timers run unseen in C, an ``asyncio.sleep``: its due time
+is read from the sleeping coroutine, which costs a few microseconds, so only when a step of
+``LOOK_AFTER`` or more ran while the task waited) -- both only after the loop has run
+``LOOK_AFTER`` or more without a pause; and a step woken by another task's step (it is ready from inside that step,
 so within the run). What it estimates: a step woken by I/O that arrived while the loop was
 running. The moment the data arrived is not known, so it is charged from the start of that
 run (or the owner's last step, if later): an upper bound, off by at most the part of the run
-before the data came. On uvloop, other timers (``wait_for``, ``asyncio.timeout``) are
-estimated the same way.
+before the data came. On uvloop, other timers (``wait_for``, ``asyncio.timeout``), and a
+sleep while the loop ran only short steps, are estimated the same way. So on a loop that never
+pauses (saturated), such waits are charged whole: there the figure says that the loop, not
+the request, decided when it ran again.
 
 The C twin (``account`` and ``begin_step`` in ``_ctiming.c``) does exactly this for each
 step; :func:`running_wait` is the same charge for the step still running when a request
@@ -47,7 +50,7 @@ __all__ = ["IDLE_GAP", "LOOK_AFTER", "begin_step", "charge_wait", "running_wait"
 #: the loop (seconds). Small idle periods count as running: that errs towards charging.
 IDLE_GAP = 0.001
 #: After the loop has run this long without a pause, a step's wake-up is looked at closely:
-#: a late ``asyncio.sleep`` timer's due time is read (seconds).
+#: a late timer's due time is read; on uvloop only after a step this long (seconds).
 LOOK_AFTER = 0.002
 
 _clock = time.perf_counter
@@ -56,16 +59,17 @@ _SLEEP = asyncio.sleep.__code__
 _DEPTH = 64
 
 
-def begin_step(mon: Any, t0: float, what: Any) -> None:
-    """Before a step that starts at ``t0``: the loop's run, and its due time where that is
-    worth a look (``what``: the step's handle, or its timed coroutine)."""
+def begin_step(mon: Any, t0: float, what: Any, look: bool) -> None:
+    """Before a step that starts at ``t0``: the loop's pauses and run, and, where ``look``,
+    the due time of ``what`` (the step's handle, or its timed coroutine) after a run of
+    ``look_after`` or more."""
     mon.step_start = t0
     mon.due = 0.0
     gap = t0 - mon.last_end
     if gap > mon.idle_gap:
         mon.idle += gap
         mon.run_start = t0
-    elif t0 - mon.run_start >= mon.look_after:
+    elif look and t0 - mon.run_start >= mon.look_after:
         mon.due = mon._wake_due(t0, what)
 
 

@@ -42,7 +42,7 @@ run "loopwatch, compiled" .venv-oldest -- -m "not system" "$@"
 run "loopwatch, pure Python" .venv-oldest LOOPWATCH_PURE_PYTHON=1 -- -m "not system" "$@"
 run "with $OLDEST_PINS" .venv-oldest-frameworks -- "$@" tests/test_routes.py \
     tests/test_middleware.py tests/test_last_step.py tests/test_bounded_state.py \
-    tests/test_readme.py tests/test_otel.py tests/test_admission.py
+    tests/test_readme.py tests/test_otel.py tests/test_admission.py tests/test_waiting.py
 
 echo "== ruff and mypy --strict"
 .venv/bin/python -m pip install -q --disable-pip-version-check "ruff==0.17.6" "mypy==2.4.1"
