@@ -23,14 +23,14 @@ What this sees exactly: a timer that ran late (on asyncio, any timer: its handle
 read as it runs; on uvloop, whose timers run unseen in C, an ``asyncio.sleep``: its due time
 is read from the sleeping coroutine, which costs a few microseconds, so only when a step of
 ``LOOK_AFTER`` or more ran while the task waited) -- both only after the loop has run
-``LOOK_AFTER`` or more without a pause; and a step woken by another task's step (it is ready from inside that step,
-so within the run). What it estimates: a step woken by I/O that arrived while the loop was
-running. The moment the data arrived is not known, so it is charged from the start of that
-run (or the owner's last step, if later): an upper bound, off by at most the part of the run
-before the data came. On uvloop, other timers (``wait_for``, ``asyncio.timeout``), and a
-sleep while the loop ran only short steps, are estimated the same way. So on a loop that never
-pauses (saturated), such waits are charged whole: there the figure says that the loop, not
-the request, decided when it ran again.
+``LOOK_AFTER`` or more without a pause; and a step woken by another task's step (it is ready
+from inside that step, so within the run). What it estimates: a step woken by I/O that
+arrived while the loop was running. The moment the data arrived is not known, so it is
+charged from the start of that run (or the owner's last step, if later): an upper bound, off
+by at most the part of the run before the data came. On uvloop, other timers (``wait_for``,
+``asyncio.timeout``), and a sleep while the loop ran only short steps, are estimated the
+same way. So on a loop that never pauses (saturated), such waits are charged whole: there
+the figure says that the loop, not the request, decided when it ran again.
 
 The C twin (``account`` and ``begin_step`` in ``_ctiming.c``) does exactly this for each
 step; :func:`running_wait` is the same charge for the step still running when a request
