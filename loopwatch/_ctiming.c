@@ -233,11 +233,9 @@ running_wait(StepState *state, OwnerState *o, double t0)
         return 0.0;
     }
     double ready = o->last_end;
-    if (state->run_start > ready) {
-        ready = state->run_start;
-    }
-    if (state->due > ready) {
-        ready = state->due;
+    double since = state->due != 0.0 ? state->due : state->run_start;
+    if (since > ready) {
+        ready = since;
     }
     double wait = t0 - ready;
     return wait <= 0.0 ? 0.0 : (wait < others ? wait : others);
@@ -312,18 +310,19 @@ look_closer(StepState *state, double t0, PyObject *what)
 
 /* What _waiting.begin_step does: the step's start; the loop's pauses and run (a step that
  * starts more than idle_gap after the last one ended follows a pause), and, where `look`,
- * the due time of the step's timer after a run of look_after or more. */
+ * the due time of the step's timer after a pause or a run of look_after or more. */
 static inline void
 begin_step(StepState *state, double t0, PyObject *what, int look)
 {
     state->step_start = t0;
     state->due = 0.0;
     double gap = t0 - state->last_end;
-    if (gap > state->idle_gap) {
+    int paused = gap > state->idle_gap;
+    if (paused) {
         state->idle += gap;
         state->run_start = t0;
     }
-    else if (UNLIKELY(look) && t0 - state->run_start >= state->look_after) {
+    if (UNLIKELY(look) && (paused || t0 - state->run_start >= state->look_after)) {
         look_closer(state, t0, what);
     }
 }

@@ -13,24 +13,26 @@ loop's pauses). When an owner's step starts, the wait it suffered is
 
 "Other code" is other owners' steps, steps of no owner, and the loop's own work between
 steps (on uvloop that includes plain callbacks, such as the server's protocol code, which
-are not timed one by one; one that runs longer than ``IDLE_GAP`` looks like a pause). The
-earliest moment is the latest of: the end of the owner's last step, the start of the loop's
-current run (before that pause nothing was ready), and — for a task woken by the
-timer of an ``asyncio.sleep`` — that timer's due time. An owner is never charged for its own
-steps (its ``gather`` children are the same owner), nor for a pause of the loop.
+are not timed one by one; one that runs longer than ``IDLE_GAP`` looks like a pause, as does
+the loop's thread waiting that long for the GIL or a CPU). The earliest moment is the later
+of the end of the owner's last step and either the due time of the timer that woke the step,
+where that is known, or else the start of the loop's current run (before its last pause
+nothing was ready; a known due time overrides it, as the loop does not pause while a timer
+is due). An owner is never charged for its own steps (its ``gather`` children are the same
+owner), nor for a pause of the loop.
 
 What this sees exactly: a timer that ran late (on asyncio, any timer: its handle's due time,
 read as it runs; on uvloop, whose timers run unseen in C, an ``asyncio.sleep``: its due time
 is read from the sleeping coroutine, which costs a few microseconds, so only when a step of
-``LOOK_AFTER`` or more ran while the task waited) -- both only after the loop has run
-``LOOK_AFTER`` or more without a pause; and a step woken by another task's step (it is ready
-from inside that step, so within the run). What it estimates: a step woken by I/O that
-arrived while the loop was running. The moment the data arrived is not known, so it is
-charged from the start of that run (or the owner's last step, if later): an upper bound, off
-by at most the part of the run before the data came. On uvloop, other timers (``wait_for``,
-``asyncio.timeout``), and a sleep while the loop ran only short steps, are estimated the
-same way. So on a loop that never pauses (saturated), such waits are charged whole: there
-the figure says that the loop, not the request, decided when it ran again.
+``LOOK_AFTER`` or more ran while the task waited) -- both looked up after a pause or a run
+of ``LOOK_AFTER`` or more; and a step woken by another task's step (it is ready from inside
+that step, so within the run). What it estimates: a step woken by I/O that arrived while the
+loop was running. The moment the data arrived is not known, so it is charged from the start
+of that run (or the owner's last step, if later): an upper bound, off by at most the part of
+the run before the data came. On uvloop, other timers (``wait_for``, ``asyncio.timeout``),
+and a sleep while the loop ran only short steps, are estimated the same way. So on a loop
+that never pauses (saturated), such waits are charged whole: there the figure says that the
+loop, not the request, decided when it ran again.
 
 The C twin (``account`` and ``begin_step`` in ``_ctiming.c``) does exactly this for each
 step; :func:`running_wait` is the same charge for the step still running when a request
@@ -61,15 +63,16 @@ _DEPTH = 64
 
 def begin_step(mon: Any, t0: float, what: Any, look: bool) -> None:
     """Before a step that starts at ``t0``: the loop's pauses and run, and, where ``look``,
-    the due time of ``what`` (the step's handle, or its timed coroutine) after a run of
-    ``look_after`` or more."""
+    the due time of ``what`` (the step's handle, or its timed coroutine) after a pause or a
+    run of ``look_after`` or more."""
     mon.step_start = t0
     mon.due = 0.0
     gap = t0 - mon.last_end
-    if gap > mon.idle_gap:
+    paused = gap > mon.idle_gap
+    if paused:
         mon.idle += gap
         mon.run_start = t0
-    elif look and t0 - mon.run_start >= mon.look_after:
+    if look and (paused or t0 - mon.run_start >= mon.look_after):
         mon.due = mon._wake_due(t0, what)
 
 
@@ -80,10 +83,11 @@ def running_wait(mon: Any, owner: Any, t0: float) -> float:
     if others <= 0.0 or not owner.last_end:
         return 0.0
     ready = owner.last_end
-    if mon.run_start > ready:
-        ready = mon.run_start
-    if mon.due > ready:
-        ready = mon.due
+    # A known due time overrides the run's start: the loop does not pause while a timer is
+    # due, so a "pause" after it was another thread, or the OS, holding the loop's thread.
+    since = mon.due if mon.due else mon.run_start
+    if since > ready:
+        ready = since
     wait: float = t0 - ready
     if wait <= 0.0:
         return 0.0
