@@ -15,6 +15,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Protocol
 
 from ._build import ctiming
+from ._waiting import running_wait
 
 __all__ = ["AnyOwner", "Owner", "OwnerState", "current_owner", "owner_scope"]
 
@@ -81,8 +82,9 @@ current_owner: ContextVar[AnyOwner | None] = ContextVar("loopwatch_owner", defau
 def owner_scope(owner: Owner) -> Iterator[Owner]:
     """Charge the loop time of the code in this block (and the tasks it spawns) to ``owner``.
 
-    The block's last step is charged up to the block's end, and, should that step turn out to
-    be a block of the loop, its event names ``owner`` (the step ends after the scope has).
+    The block's last step is charged up to the block's end (and the wait before it), and,
+    should that step turn out to be a block of the loop, its event names ``owner`` (the step
+    ends after the scope has).
     """
     token = current_owner.set(owner)
     try:
@@ -102,4 +104,6 @@ def _finish_in_step(owner: Owner) -> None:
 
     monitor = get_monitor(loop)
     if monitor is not None and monitor.active:
+        if monitor.step_start:  # the wait before this step, charged at its end otherwise
+            owner.delayed += running_wait(monitor, owner, monitor.step_start)
         owner.busy = monitor._note_finished(owner)

@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+import loopwatch
 from harness.servers import free_port, serve_in_subprocess, serve_in_thread
 from loopwatch._metrics import metrics_for
 from tests.apps import waiting
@@ -173,3 +174,35 @@ def test_a_saturated_loop_without_blocks(loop_kind: str) -> None:
     # Within 10 %: a request's own time includes the part of its first step before the
     # middleware started its clock, and the loop's work between steps is nobody's.
     assert delayed == pytest.approx(duration - held, rel=0.10)
+
+
+def test_an_owner_of_another_framework_is_charged_its_wait(loop_kind: str) -> None:
+    """``owner_scope`` (a job runner, a consumer): the job sleeps 50 ms; 10 ms in, other code
+    blocks 200 ms. The job's owner is charged from its timer's due time to the block's end,
+    the blocker's owner nothing."""
+    job = loopwatch.Owner("JOB", "sleeper")
+    other = loopwatch.Owner("JOB", "blocker")
+    moments: dict[str, float] = {}
+
+    async def sleeper() -> None:
+        with loopwatch.owner_scope(job):
+            moments["due"] = time.perf_counter() + waiting.SLEEP
+            await asyncio.sleep(waiting.SLEEP)
+
+    async def blocker() -> None:
+        with loopwatch.owner_scope(other):
+            await asyncio.sleep(0.01)
+            time.sleep(waiting.BLOCK)
+            moments["end"] = time.perf_counter()
+
+    async def main() -> None:
+        async with loopwatch.watch(log_blocks=False):
+            await asyncio.gather(asyncio.create_task(sleeper()), asyncio.create_task(blocker()))
+
+    run_on(loop_kind, main())
+    expected = moments["end"] - moments["due"]
+    print(f"job delayed {job.delayed * 1000:.1f} ms (expected {expected * 1000:.1f} ms), "
+          f"blocker {other.delayed * 1000:.1f} ms")
+    assert 0.14 < expected < 0.2
+    assert job.delayed == pytest.approx(expected, rel=0.10)
+    assert other.delayed < 0.005
