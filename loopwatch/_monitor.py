@@ -513,8 +513,8 @@ class Monitor(StepState):
         return owner.busy + ((_clock() if now is None else now) - start)
 
     def _wake_due(self, t0: float, what: Any) -> float:
-        """Called by the step hooks before a step that follows a long run of the loop: the due
-        time of the timer that woke it, else 0 (see :mod:`._waiting`)."""
+        """Called by the step hooks before a step that a late timer may have woken: the
+        timer's due time, else 0 (see :mod:`._waiting`)."""
         try:
             return wake_due(what, self._loop_ref() if self._loop_ref is not None else None)
         except Exception:  # noqa: BLE001 - never break the step we time
