@@ -29,15 +29,16 @@ class AnyOwner(Protocol):
 
 
 class _PyOwnerState:
-    """What a step charges on its owner: ``busy``, and ``delayed`` with the two fields it is
-    measured from (see :mod:`._waiting`). ``_ctiming.OwnerState`` is its C twin, where the
-    hooks write C doubles."""
+    """What a step charges on its owner: ``busy``, and ``delayed`` with the fields it is
+    measured from (see :mod:`._waiting`; a step that starts once ``ended`` is set is charged
+    no wait). ``_ctiming.OwnerState`` is its C twin, where the hooks write C doubles."""
 
-    __slots__ = ("busy", "delayed", "last_end", "others_mark")
+    __slots__ = ("busy", "delayed", "ended", "last_end", "others_mark")
     busy: float
     delayed: float
     last_end: float
     others_mark: float
+    ended: float
 
 
 #: The base of every owner.
@@ -63,6 +64,7 @@ class Owner(OwnerState):
         self.delayed = 0.0
         self.last_end = 0.0
         self.others_mark = 0.0
+        self.ended = 0.0
         self.method = method
         self.route = route
 

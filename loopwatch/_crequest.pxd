@@ -19,19 +19,19 @@ cdef class RequestPath:
     cdef public object monitor
 
 cdef class RequestOwner:
-    # busy, delayed, last_end, others_mark first, no C methods (no vtable): the layout of
+    # busy, delayed, last_end, others_mark, ended first, no C methods (no vtable): the layout of
     # _ctiming.OwnerState, whose fields the C hooks write straight to (they check that at start-up: configure(owner_type=...))
     cdef public double busy
     cdef public double delayed
     cdef public double last_end
     cdef public double others_mark
+    cdef public double ended
     cdef public object method
     cdef public object route
     cdef public object scope
     cdef public object routes
     cdef public object server_send
     cdef public long status
-    cdef public double ended
     cdef object __weakref__
 
 cdef class Totals:

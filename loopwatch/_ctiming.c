@@ -152,7 +152,7 @@ static PyTypeObject StepStateType = {
 typedef struct {
     PyObject_HEAD
     double busy;
-    double delayed, last_end, others_mark; /* see _waiting.py */
+    double delayed, last_end, others_mark, ended; /* see _waiting.py */
 } OwnerState;
 
 static PyMemberDef os_members[] = {
@@ -163,6 +163,8 @@ static PyMemberDef os_members[] = {
     {"last_end", T_DOUBLE, offsetof(OwnerState, last_end), 0, "When its last step ended."},
     {"others_mark", T_DOUBLE, offsetof(OwnerState, others_mark), 0,
      "Time passed less pauses and its own steps, when its last step ended."},
+    {"ended", T_DOUBLE, offsetof(OwnerState, ended), 0,
+     "When its response was sent (0: not yet): later steps are charged no wait."},
     {NULL},
 };
 
@@ -229,7 +231,7 @@ static inline double
 running_wait(StepState *state, OwnerState *o, double t0)
 {
     double others = t0 - state->idle - o->busy - o->others_mark;
-    if (LIKELY(others <= 0.0 || o->last_end == 0.0)) {
+    if (LIKELY(others <= 0.0 || o->last_end == 0.0) || (o->ended != 0.0 && t0 >= o->ended)) {
         return 0.0;
     }
     double ready = o->last_end;

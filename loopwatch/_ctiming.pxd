@@ -5,3 +5,4 @@ cdef extern from *:
         cdef double delayed
         cdef double last_end
         cdef double others_mark
+        cdef double ended

@@ -90,7 +90,8 @@ class LoopWatchMetrics:
         self.request_delayed = Histogram(
             "loopwatch_request_delayed_seconds",
             "Seconds each request's own steps were ready or due to run but waited because "
-            "other code (another request, or code outside any request) held the event loop.",
+            "other code (another request, or code outside any request) held the event loop, "
+            "until its response was sent.",
             ["method", "route"], buckets=BLOCKING_BUCKETS, registry=r,
         )
         self.request_duration = Histogram(

@@ -105,7 +105,7 @@ class OtelMetrics:
         self.request_delayed = meter.create_histogram(
             "loopwatch.request.delayed", unit="s",
             description="Time each request's own steps were ready to run but other code "
-                        "held the event loop.",
+                        "held the event loop, until its response was sent.",
             explicit_bucket_boundaries_advisory=BLOCKING_BUCKETS,
         )
         self.request_duration = meter.create_histogram(

@@ -19,7 +19,9 @@ of the end of the owner's last step and either the due time of the timer that wo
 where that is known, or else the start of the loop's current run (before its last pause
 nothing was ready; a known due time overrides it, as the loop does not pause while a timer
 is due). An owner is never charged for its own steps (its ``gather`` children are the same
-owner), nor for a pause of the loop.
+owner), nor for a pause of the loop, nor for a step that starts once its ``ended`` is set (a
+request's response was sent: its background tasks wait on no client; the request's delay
+stays within its duration).
 
 What this sees exactly: a timer that ran late (on asyncio, any timer: its handle's due time,
 read as it runs; on uvloop, whose timers run unseen in C, an ``asyncio.sleep``: its due time
@@ -80,7 +82,7 @@ def running_wait(mon: Any, owner: Any, t0: float) -> float:
     """The wait charged to ``owner`` for its step that started at ``t0`` (its busy time not
     yet counting that step)."""
     others: float = t0 - mon.idle - owner.busy - owner.others_mark
-    if others <= 0.0 or not owner.last_end:
+    if others <= 0.0 or not owner.last_end or (owner.ended and t0 >= owner.ended):
         return 0.0
     ready = owner.last_end
     # A known due time overrides the run's start: the loop does not pause while a timer is

@@ -19,6 +19,7 @@ import pytest
 from loopwatch import _hooks
 from loopwatch._accel import StepState, ctiming
 from loopwatch._attribution import Owner, current_owner
+from loopwatch._waiting import IDLE_GAP, LOOK_AFTER
 from needs import missing
 
 
@@ -61,6 +62,10 @@ class FakeMonitor(StepState):  # type: ignore[misc, valid-type]
         self.step_start = 0.0
         self.busy = 0.0
         self.threshold = threshold
+        # the who-waited fields as a Monitor starts them (_waiting)
+        self.last_end = self.idle = self.run_start = self.long_end = self.due = 0.0
+        self.idle_gap = IDLE_GAP
+        self.look_after = LOOK_AFTER
         self.active = True
         self.blocks: list[tuple[float, float, Any, Any]] = []
         self.errors: list[str] = []
@@ -243,6 +248,37 @@ def test_handle_hook_times_the_callback_and_charges_its_context(hook: Any) -> No
         busy = monitor.busy
         run(asyncio.Handle(lambda *a: calls.append(a), (1, 2, 3), loop))
         assert calls[-1] == (1, 2, 3) and monitor.busy == busy
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("hook", run_hooks())
+def test_handle_hook_charges_the_wait_on_others_until_the_owner_ended(hook: Any) -> None:
+    """An owner's step after another's 20 ms step is charged that wait; once the owner's
+    ``ended`` is set (a response sent), its later steps are charged none."""
+    run = run_hook(hook)
+    loop = asyncio.new_event_loop()
+    try:
+        monitor = FakeMonitor()
+        monitor.idle_gap = 10.0  # no pauses: every gap between these steps is running
+        owner = Owner("GET", "/w")
+        ctx = contextvars.copy_context()
+        ctx.run(current_owner.set, owner)
+        loop._loopwatch_monitor = monitor  # type: ignore[attr-defined]
+
+        def others_hold_the_loop() -> None:
+            run(asyncio.Handle(time.sleep, (0.02,), loop))  # nobody's step
+
+        run(asyncio.Handle(lambda: None, (), loop, context=ctx))
+        others_hold_the_loop()
+        run(asyncio.Handle(lambda: None, (), loop, context=ctx))
+        waited = owner.delayed
+        assert 0.02 <= waited < 0.03, waited
+
+        owner.ended = _hooks._clock()
+        others_hold_the_loop()
+        run(asyncio.Handle(lambda: None, (), loop, context=ctx))
+        assert owner.delayed == waited and not monitor.errors
     finally:
         loop.close()
 
