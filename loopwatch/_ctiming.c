@@ -312,7 +312,7 @@ look_closer(StepState *state, double t0, PyObject *what)
 
 /* What _waiting.begin_step does: the step's start; the loop's pauses and run (a step that
  * starts more than idle_gap after the last one ended follows a pause), and, where `look`,
- * the due time of the step's timer after a pause or a run of look_after or more. */
+ * the due time of the step's timer. */
 static inline void
 begin_step(StepState *state, double t0, PyObject *what, int look)
 {
@@ -324,7 +324,7 @@ begin_step(StepState *state, double t0, PyObject *what, int look)
         state->idle += gap;
         state->run_start = t0;
     }
-    if (UNLIKELY(look) && (paused || t0 - state->run_start >= state->look_after)) {
+    if (UNLIKELY(look)) {
         look_closer(state, t0, what);
     }
 }

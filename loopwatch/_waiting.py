@@ -26,8 +26,9 @@ stays within its duration).
 What this sees exactly: a timer that ran late (on asyncio, any timer: its handle's due time,
 read as it runs; on uvloop, whose timers run unseen in C, an ``asyncio.sleep``: its due time
 is read from the sleeping coroutine, which costs a few microseconds, so only when a step of
-``LOOK_AFTER`` or more ran while the task waited) -- both looked up after a pause or a run
-of ``LOOK_AFTER`` or more; and a step woken by another task's step (it is ready from inside
+``LOOK_AFTER`` or more ran while the task waited) -- looked up whatever the loop did before
+(a gap before the step may be another thread or the OS holding the loop's thread, not a
+pause); and a step woken by another task's step (it is ready from inside
 that step, so within the run). What it estimates: a step woken by I/O that arrived while the
 loop was running. The moment the data arrived is not known, so it is charged from the start
 of that run (or the owner's last step, if later): an upper bound, off by at most the part of
@@ -53,8 +54,8 @@ __all__ = ["IDLE_GAP", "LOOK_AFTER", "begin_step", "charge_wait", "running_wait"
 #: A step that starts more than this after the loop's previous step ended follows a pause of
 #: the loop (seconds). Small idle periods count as running: that errs towards charging.
 IDLE_GAP = 0.001
-#: After the loop has run this long without a pause, a step's wake-up is looked at closely:
-#: a late timer's due time is read; on uvloop only after a step this long (seconds).
+#: On uvloop, a task's sleep is looked at closely (its due time read) when a step this long
+#: or longer ran while it waited (seconds).
 LOOK_AFTER = 0.002
 
 _clock = time.perf_counter
@@ -65,8 +66,7 @@ _DEPTH = 64
 
 def begin_step(mon: Any, t0: float, what: Any, look: bool) -> None:
     """Before a step that starts at ``t0``: the loop's pauses and run, and, where ``look``,
-    the due time of ``what`` (the step's handle, or its timed coroutine) after a pause or a
-    run of ``look_after`` or more."""
+    the due time of ``what`` (the step's handle, or its timed coroutine)."""
     mon.step_start = t0
     mon.due = 0.0
     gap = t0 - mon.last_end
@@ -74,7 +74,7 @@ def begin_step(mon: Any, t0: float, what: Any, look: bool) -> None:
     if paused:
         mon.idle += gap
         mon.run_start = t0
-    if look and (paused or t0 - mon.run_start >= mon.look_after):
+    if look:
         mon.due = mon._wake_due(t0, what)
 
 

@@ -19,7 +19,7 @@ import pytest
 from loopwatch import _hooks
 from loopwatch._accel import StepState, ctiming
 from loopwatch._attribution import Owner, current_owner
-from loopwatch._waiting import IDLE_GAP, LOOK_AFTER
+from loopwatch._waiting import IDLE_GAP, LOOK_AFTER, wake_due
 from needs import missing
 
 
@@ -70,6 +70,13 @@ class FakeMonitor(StepState):  # type: ignore[misc, valid-type]
         self.blocks: list[tuple[float, float, Any, Any]] = []
         self.errors: list[str] = []
         self.starts_seen: list[float] = []
+        #: what _wake_due answers: a due time by id of the step's handle or coroutine, else
+        #: what Monitor._wake_due would read (an asyncio timer's own due time)
+        self.dues: dict[int, float] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _wake_due(self, t0: float, what: Any) -> float:
+        return self.dues.get(id(what)) or wake_due(what, self.loop)
 
     def _on_block(self, t0: float, dt: float, owner: Any, callback: Any) -> None:
         self.blocks.append((t0, dt, owner, callback))
@@ -281,6 +288,75 @@ def test_handle_hook_charges_the_wait_on_others_until_the_owner_ended(hook: Any)
         assert owner.delayed == waited and not monitor.errors
     finally:
         loop.close()
+
+
+STALL = 0.005  # the loop's thread held by another thread or the OS between two steps
+
+
+@pytest.mark.parametrize("hook", run_hooks())
+def test_late_timers_are_charged_from_their_due_time_after_a_stall(hook: Any) -> None:
+    """Two owners' timers fall due during another's 30 ms step; the loop's thread then
+    stalls 5 ms between steps, which looks like a pause. Each owner is charged from its
+    timer's due time -- the second too, which runs right after the first, not only the
+    step after the stall."""
+    run = run_hook(hook)
+    loop = asyncio.new_event_loop()
+    try:
+        monitor = FakeMonitor()
+        monitor.loop = loop
+        owners = [Owner("GET", f"/t{i}") for i in range(2)]
+        contexts = [contextvars.copy_context() for _ in owners]
+        for ctx, owner in zip(contexts, owners, strict=True):
+            ctx.run(current_owner.set, owner)
+        loop._loopwatch_monitor = monitor  # type: ignore[attr-defined]
+        for ctx in contexts:
+            run(asyncio.Handle(lambda: None, (), loop, context=ctx))
+        due = loop.time() + 0.005
+        timers = [asyncio.TimerHandle(due, lambda: None, (), loop, context=ctx)
+                  for ctx in contexts]
+        run(asyncio.Handle(time.sleep, (0.03,), loop))  # nobody's step: both fall due in it
+        time.sleep(STALL)
+        for timer in timers:
+            run(timer)
+        late = [owner.delayed for owner in owners]
+        assert all(0.02 <= wait <= 0.04 for wait in late), late
+        assert not monitor.errors
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("maker", makers())
+def test_tasks_held_up_by_a_long_step_are_charged_from_their_due_time_after_a_stall(
+        maker: Any) -> None:
+    """As above on the uvloop path: two owners' tasks asleep (their due times as the
+    sleeping coroutine gives them) through another's 30 ms step, then a 5 ms stall."""
+    monitor = FakeMonitor()
+    owners = [Owner("GET", f"/s{i}") for i in range(2)]
+    contexts = [contextvars.copy_context() for _ in owners]
+    for ctx, owner in zip(contexts, owners, strict=True):
+        ctx.run(current_owner.set, owner)
+
+    async def asleep() -> None:
+        await _yield()
+
+    async def blocker() -> None:
+        time.sleep(0.03)
+        await _yield()
+
+    coroutines = [timed(maker, asleep(), monitor) for _ in owners]
+    for ctx, coroutine in zip(contexts, coroutines, strict=True):
+        ctx.run(coroutine.send, None)
+    due = _hooks._clock() + 0.005
+    for coroutine in coroutines:
+        monitor.dues[id(coroutine)] = due
+    timed(maker, blocker(), monitor).send(None)  # nobody's step: both fall due in it
+    time.sleep(STALL)
+    for ctx, coroutine in zip(contexts, coroutines, strict=True):
+        with pytest.raises(StopIteration):
+            ctx.run(coroutine.send, None)
+    late = [owner.delayed for owner in owners]
+    assert all(0.02 <= wait <= 0.04 for wait in late), late
+    assert not monitor.errors
 
 
 def _failing_handle_report(run: Any, watched: bool) -> tuple[dict[str, Any], Any]:
