@@ -159,8 +159,18 @@ def test_active_requests_and_thread_pool(loop_kind: str, reader: InMemoryMetricR
     with serve_in_thread(app, loop=loop_kind) as server:
         async def scenario() -> list[Any]:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
-                slow = [asyncio.create_task(c.get("/b")) for _ in range(3)]  # 200 ms each
-                await asyncio.sleep(0.05)
+                done = asyncio.Event()
+
+                async def keep_in_flight(start: float) -> None:
+                    # The next request as soon as one returns, three workers staggered: a
+                    # request is always in flight, whatever the phase of the middleware's
+                    # once-a-second tick (a batch of three, resent when all were done, could
+                    # keep step with it and be between batches at every tick).
+                    await asyncio.sleep(start)
+                    while not done.is_set():
+                        await c.get("/b")  # 200 ms
+
+                workers = [asyncio.create_task(keep_in_flight(i * 0.07)) for i in range(3)]
                 # The middleware notes requests in flight once a second: wait for a tick.
                 deadline = time.monotonic() + 5
                 seen: list[Any] = []
@@ -168,9 +178,8 @@ def test_active_requests_and_thread_pool(loop_kind: str, reader: InMemoryMetricR
                     await asyncio.sleep(0.02)
                     seen = [p for p in _points(reader, "http.server.active_requests")
                             if p.value > 0]
-                    if not seen and all(t.done() for t in slow):
-                        slow = [asyncio.create_task(c.get("/b")) for _ in range(3)]
-                await asyncio.gather(*slow)
+                done.set()
+                await asyncio.gather(*workers)
                 return seen
 
         active = run_on("asyncio", scenario())
