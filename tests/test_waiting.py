@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,8 +20,11 @@ from harness.servers import free_port, serve_in_subprocess, serve_in_thread
 from loopwatch._metrics import metrics_for
 from tests.apps import waiting
 from tests.conftest import run_on
+from tests.needs import missing
 
 DELAYED = "loopwatch_request_delayed_seconds"
+#: Requests in flight at once in the saturated server.
+IN_FLIGHT = 64
 
 #: Each scenario: the requests sent at once; what the first path's requests waited for /slow
 #: in all, from the app's timeline; and whether that wait is the client's (charged).
@@ -150,39 +154,57 @@ def _scrape(url: str) -> dict[str, float]:
 def test_a_saturated_loop_without_blocks(loop_kind: str) -> None:
     """A real server (its own process) saturated by 64 clients at once, each request only
     yielding to the loop 50 times: no block, yet every request spends most of its time
-    waiting for the others' steps, and is charged that."""
+    waiting for the others' steps, and is charged that.
+
+    Less what the OS took: while the server's thread waits for a CPU (the client, or anything
+    else on a loaded host, has it) for more than ``IDLE_GAP``, the gap looks like a pause of
+    the loop, and nobody is charged for it (docs/sre.md). The kernel counts that runqueue
+    wait; each second of it can leave out at most one second for each request in flight."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = ["-m", "uvicorn", "tests.apps.waiting:app", "--port", str(port), "--loop",
             loop_kind, "--log-level", "warning"]
 
     async def load() -> int:
-        limits = httpx.Limits(max_connections=64)
+        limits = httpx.Limits(max_connections=IN_FLIGHT)
         async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
             end = time.monotonic() + 2.0
             sent = 0
             while time.monotonic() < end:
                 responses = await asyncio.gather(
-                    *(client.get("/yields?n=50") for _ in range(64)))
+                    *(client.get("/yields?n=50") for _ in range(IN_FLIGHT)))
                 assert all(r.status_code == 200 for r in responses)
                 sent += len(responses)
             return sent
 
-    with serve_in_subprocess([*args], port=port, path="/reset"):
+    with serve_in_subprocess([*args], port=port, path="/reset") as server:
+        queued = _runqueue_wait(server.pid)
         sent = asyncio.run(load())
         deadline = time.monotonic() + 5
         while (got := _scrape(url)).get(f"{DELAYED}_count", 0) < sent:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        queued = _runqueue_wait(server.pid) - queued
     delayed = got[f"{DELAYED}_sum"]
     duration = got["loopwatch_request_duration_seconds_sum"]
     held = got["loopwatch_request_blocking_seconds_sum"]
     print(f"/yields x{sent} ({loop_kind}): delayed {delayed:.3f} s, duration {duration:.3f} s, "
-          f"own loop time {held:.3f} s, ratio {delayed / (duration - held):.2f}")
+          f"own loop time {held:.3f} s, ratio {delayed / (duration - held):.2f}, "
+          f"server thread waited for a CPU {queued * 1000:.1f} ms")
     assert held < 0.5 * duration
     # Within 10 %: a request's own time includes the part of its first step before the
     # middleware started its clock, and the loop's work between steps is nobody's.
-    assert delayed == pytest.approx(duration - held, rel=0.10)
+    assert delayed <= (duration - held) * 1.10
+    assert delayed >= (duration - held - IN_FLIGHT * queued) * 0.90
+
+
+def _runqueue_wait(pid: int) -> float:
+    """Seconds the main thread of process ``pid`` has waited for a CPU, from the kernel."""
+    path = Path(f"/proc/{pid}/task/{pid}/schedstat")
+    if not path.exists():
+        missing(f"{path} (Linux schedstat)")
+    fields = path.read_text().split()
+    return int(fields[1]) / 1e9
 
 
 def test_an_owner_of_another_framework_is_charged_its_wait(loop_kind: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import loopwatch
+from tests.events import of_code
 from loopwatch._stacks import MAX_FRAMES, StackReader
 from loopwatch._watchdog import NO_THREAD
 
@@ -76,8 +77,9 @@ def test_the_innermost_frames_with_their_class_names(run: Any, depth: int) -> No
         Handler().handle()
 
     w = run(main())
-    assert len(w.blocks) == 1
-    frames = w.blocks[0].frames
+    blocks = of_code(w.blocks)
+    assert len(blocks) == 1
+    frames = blocks[0].frames
     assert 1 <= len(frames) <= depth
     assert frames[0].function == "Handler.inner" and frames[0].module == __name__
     if depth >= 8:
@@ -99,9 +101,10 @@ def test_sampling_never_touches_other_threads_frames(
         return w
 
     w = run(main())
-    assert len(w.blocks) == 1 and w.blocks[0].stack_status == "sampled"
-    assert w.blocks[0].blocking_frame is not None
-    assert w.blocks[0].blocking_frame.function == "_sleeper"
+    blocks = of_code(w.blocks)
+    assert len(blocks) == 1 and blocks[0].stack_status == "sampled"
+    assert blocks[0].blocking_frame is not None
+    assert blocks[0].blocking_frame.function == "_sleeper"
     assert w.monitor is not None and w.monitor.internal_errors == 0
 
 
@@ -127,8 +130,9 @@ def test_a_loop_thread_beyond_faulthandlers_100_threads_says_so(run: Any) -> Non
         stop.set()
         for thread in threads:
             thread.join()
-    assert len(w.blocks) == 1
-    event = w.blocks[0]
+    blocks = of_code(w.blocks)
+    assert len(blocks) == 1
+    event = blocks[0]
     assert event.duration >= 0.12 and event.frames == () and event.stack_status == NO_THREAD
 
 
