@@ -40,6 +40,10 @@ SCENARIOS: dict[str, tuple[list[str], Callable[[Any], float], bool]] = {
     # (their loop time still counts: blocking is the culprit's side).
     "background": ([*["/background"] * waiting.FAST, "/slow"],
                    lambda t: t.expected_delay(), False),
+    # As "sleepers", and another thread holds the GIL 15 ms right after the block: the
+    # loop's thread stands still between steps, which looks like a pause. The sleepers were
+    # due before it all the same: each is charged from its due time to its waking.
+    "stalled": ([*["/fast"] * waiting.FAST, "/slow?stall=15"], lambda t: t.woke_late(), True),
 }
 
 

@@ -4,6 +4,9 @@
 ``FAST``) sleeps have begun, sleeps 10 ms more, then holds the loop 200 ms with
 ``time.sleep``: every sleeper wakes late, by the end of the block minus its own timer's due
 time. The app notes those moments (``timeline``) so a test can say what the delay should be.
+``/slow?stall=MS`` also starts a thread that holds the GIL ``MS`` milliseconds right after the
+block (a C extension's call in another thread): the loop's thread stands still after the
+block, which looks like a pause of the loop, before the sleepers run.
 ``/fanout`` sleeps in three ``gather`` children, ``/background`` in a background task after
 its response. ``/cuts`` holds the loop in small slices (``n`` of ``ms`` each, yielding between
 them), ``/yields`` only yields ``n`` times: many of them at once load the loop without a
@@ -13,6 +16,8 @@ single block.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import threading
 import time
 from typing import Any
 
@@ -37,6 +42,8 @@ class Timeline:
     def reset(self) -> None:
         #: perf_counter() when each /fast started its sleep
         self.sleeps: list[float] = []
+        #: (when its timer was due, when it woke) for each /fast, perf_counter()
+        self.wakes: list[tuple[float, float]] = []
         self.block: tuple[float, float] = (0.0, 0.0)
 
     def expected_delay(self, sleeps: list[float] | None = None) -> float:
@@ -45,6 +52,15 @@ class Timeline:
         end = self.block[1]
         return sum(max(0.0, end - (start + SLEEP)) for start in (
             self.sleeps if sleeps is None else sleeps))
+
+    def woke_late(self) -> float:
+        """What the sleeps waited in all, each from its timer's due time to its waking."""
+        return sum(max(0.0, woke - due) for due, woke in self.wakes)
+
+
+def hold_gil(seconds: float) -> None:
+    """Sleep in C without releasing the GIL (``ctypes.PyDLL`` keeps it)."""
+    ctypes.PyDLL(None).usleep(int(seconds * 1e6))
 
 
 def spin(seconds: float) -> None:
@@ -64,10 +80,12 @@ def build(registry: CollectorRegistry, **options: Any) -> Starlette:
         return event
 
     async def sleep() -> None:
-        timeline.sleeps.append(time.perf_counter())
+        start = time.perf_counter()
+        timeline.sleeps.append(start)
         if len(timeline.sleeps) == state.get("after", FAST):
             asleep().set()
         await asyncio.sleep(SLEEP)
+        timeline.wakes.append((start + SLEEP, time.perf_counter()))
 
     async def fast(request: Request) -> PlainTextResponse:
         await sleep()
@@ -97,6 +115,10 @@ def build(registry: CollectorRegistry, **options: Any) -> Starlette:
             asleep().set()
         await asleep().wait()
         await asyncio.sleep(0.01)
+        stall = float(request.query_params.get("stall", "0")) / 1000
+        if stall:
+            threading.Thread(target=lambda: (time.sleep(BLOCK + 0.001), hold_gil(stall)),
+                             daemon=True).start()
         start = time.perf_counter()
         time.sleep(BLOCK)
         timeline.block = (start, time.perf_counter())
