@@ -62,7 +62,7 @@ class LoopWatchMetrics:
     """All loopwatch metrics of one registry, and a monitor sink that feeds them."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
+        # The registry is not kept: _by_registry's key would then never be let go.
         r = registry
         self.lag = Histogram(
             "loopwatch_event_loop_lag_seconds",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import resource
+import weakref
 from typing import Any
 
 import httpx
@@ -71,6 +72,34 @@ def test_two_thousand_apps_started_and_shut_down_leave_no_series_behind(loop_kin
     assert len(registry_samples) < 150, len(registry_samples)
     # What 1,800 more apps left in memory (max RSS; an app is ~150 kB while it lives).
     assert rss_mb() - warm < 30, (warm, rss_mb())
+
+
+def test_an_app_with_a_registry_of_its_own_is_let_go_with_it(loop_kind: str) -> None:
+    """Apps built with a registry each (a test suite, a process that builds apps as it
+    goes): once an app and its registry are dropped, loopwatch holds neither, nor their
+    metrics. A registry kept anyway (its metrics refer to it) would keep every metric and
+    series of every app the process ever built."""
+    registries = []
+
+    async def one_app() -> None:
+        registry = CollectorRegistry()
+        registries.append(weakref.ref(registry))
+        app = make_app(registry)
+        async with Lifespan(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                         base_url="http://t") as client:
+                assert (await client.get("/items/1")).status_code == 200
+        assert registry.get_sample_value("loopwatch_requests_total", {
+            "method": "GET", "route": "/items/{item_id}", "status": "200"}) == 1
+
+    async def main() -> None:
+        for _ in range(20):
+            await one_app()
+
+    run_on(loop_kind, main())
+    gc.collect()
+    alive = [ref for ref in registries if ref() is not None]
+    assert not alive, f"{len(alive)} of {len(registries)} registries still held"
 
 
 @pytest.mark.parametrize("sample_stacks", [True, False])
