@@ -1,10 +1,18 @@
 """loopwatch's own endpoints never block the loop they guard: the events JSON and the Prometheus
 exposition at their largest allowed sizes, served by a real uvicorn server on both loops, hold
-the loop for less than 10 ms at a time; and too many at once get 503, not a thread each."""
+the loop for less than 10 ms at a time; and too many at once get 503, not a thread each.
+
+The large responses are fetched by a client in another process: one in this process would
+take the GIL from the server's loop thread while it reads them (up to a switch interval, 5 ms,
+each time), stretching the loop's steps with the client's own work.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -44,6 +52,34 @@ def build(registry: CollectorRegistry) -> Starlette:
     return app
 
 
+_CLIENT = """
+import json, sys
+import httpx
+url, headers, kind = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+r = httpx.get(url, timeout=60, headers=headers)
+out = {"status": r.status_code, "length": len(r.content),
+       "encoding": r.headers.get("content-encoding")}
+if kind == "events":
+    events = r.json()["events"]
+    out["events"] = len(events)
+    out["frames"] = sorted({len(e["frames"]) for e in events})
+else:
+    out["big_total"] = "big_total" in r.text
+print(json.dumps(out))
+"""
+
+
+def fetch_elsewhere(url: str, kind: str, headers: dict[str, str] | None = None) -> Any:
+    """GET ``url`` from a client in another process; what it saw (``kind``: "events" or
+    "metrics")."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLIENT, url, json.dumps(headers or {}), kind],
+        capture_output=True, text=True, timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
 def own_steps_over_the_limit(monitor: loopwatch.Monitor, routes: set[str]) -> list[Any]:
     """Block events of the endpoints' own steps that held the loop for 10 ms or more by
     themselves (the OS taking the CPU away on a loaded host is not the endpoint's doing)."""
@@ -64,12 +100,11 @@ def test_the_largest_events_response_never_holds_the_loop(loop_kind: str) -> Non
         assert done.wait(5)
         before = len(monitor.blocks)
         started = time.perf_counter()
-        response = httpx.get(server.url + "/loopwatch/events?limit=1000", timeout=60)
+        got = fetch_elsewhere(server.url + "/loopwatch/events?limit=1000", "events")
         took = time.perf_counter() - started
-        assert response.status_code == 200
-        events = response.json()["events"]
-        assert len(events) == 1000 and all(len(e["frames"]) == 100 for e in events)
-        assert len(response.content) > 10_000_000  # it is the largest response allowed
+        assert got["status"] == 200
+        assert got["events"] == 1000 and got["frames"] == [100], got
+        assert got["length"] > 10_000_000  # it is the largest response allowed
         time.sleep(0.1)
         new = list(monitor.blocks)[before - len(monitor.blocks):] if len(monitor.blocks) else []
         assert not own_steps_over_the_limit(monitor, {"/loopwatch/events"}), (took, new[-5:])
@@ -83,12 +118,11 @@ def test_the_largest_exposition_never_holds_the_loop(loop_kind: str) -> None:
     app = build(registry)
     with serve_in_thread(app, loop=loop_kind) as server:
         for accept in ("", "application/openmetrics-text; version=1.0.0"):
-            response = httpx.get(server.url + "/metrics/", timeout=60,
-                                 headers={"accept": accept, "accept-encoding": "identity"})
-            assert response.status_code == 200 and "big_total" in response.text
-        response = httpx.get(server.url + "/metrics/", timeout=60,
-                             headers={"accept-encoding": "gzip"})
-        assert response.status_code == 200 and response.headers["content-encoding"] == "gzip"
+            got = fetch_elsewhere(server.url + "/metrics/", "metrics",
+                                  {"accept": accept, "accept-encoding": "identity"})
+            assert got["status"] == 200 and got["big_total"], got
+        got = fetch_elsewhere(server.url + "/metrics/", "metrics", {"accept-encoding": "gzip"})
+        assert got["status"] == 200 and got["encoding"] == "gzip", got
         monitor = loopwatch.get_monitor(server.loop)
         assert monitor is not None
         time.sleep(0.1)
@@ -132,15 +166,19 @@ def test_too_many_renders_at_once_get_503_not_a_thread_each(loop_kind: str) -> N
     assert statuses.count(503) == 6, statuses
 
 
+@pytest.mark.parametrize("whole", [True, False], ids=["whole", "pieces"])
 @pytest.mark.parametrize("size", [0, 1, _offloop.CHUNK - 1, _offloop.CHUNK, 3 * _offloop.CHUNK + 7])
-def test_bodies_go_out_whole_in_chunks(size: int) -> None:
+def test_bodies_go_out_whole_in_chunks(size: int, whole: bool) -> None:
+    """A body given whole, or made in pieces by a render thread (``pieces``: parts of any
+    size), goes out complete, in messages of at most CHUNK bytes."""
     sent: list[Any] = []
 
     async def send(message: Any) -> None:
         sent.append(message)
 
     body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
-    asyncio.run(_offloop.respond(send, 200, body, []))
+    asyncio.run(_offloop.respond(send, 200, body if whole else _offloop.pieces(
+        [body[:size // 3], body[size // 3:]]), []))
     assert sent[0]["type"] == "http.response.start"
     assert dict(sent[0]["headers"])[b"content-length"] == str(size).encode()
     chunks = sent[1:]
