@@ -114,8 +114,7 @@ async def respond(send: Send, status: int, body: bytes | Pieces,
     """A complete response, its body in :data:`CHUNK`-sized messages: ``body`` whole (small,
     or made on the loop anyway) or already in :class:`Pieces`."""
     if not isinstance(body, Pieces):
-        body = Pieces(body[start:start + CHUNK] for start in range(0, len(body), CHUNK)) \
-            if len(body) > CHUNK else Pieces([body])
+        body = pieces([body])
     length = sum(len(piece) for piece in body)
     headers = [*headers, (b"content-length", str(length).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
