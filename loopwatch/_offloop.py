@@ -1,16 +1,21 @@
 """loopwatch's own endpoints never block the loop they guard.
 
-Their work (rendering the Prometheus exposition, serialising block events) runs in a thread
-of its own, never in the loop's default executor (a scrape must not queue behind the app's
-``run_in_executor`` work: metrics are most needed when the app is saturated), and in small
-pieces: a thread that holds the GIL for long in one C call (``json.dumps`` of a large
-document) blocks the loop as surely as the loop itself would. A large body is made, and cut
-into :data:`CHUNK`-sized pieces, in the thread (:func:`pieces`): one large buffer made or freed
-on the loop, or in one C call in any thread, costs a page fault or an unmapping per 4 kB page
-(a 10 MB body took 8 ms to free on a VM). The response goes out piece by piece, each followed
-by a turn of the loop, so that sending a large body is many short steps, not one long one. At
-most
-:data:`MAX_RENDERS` renders run at once per process; beyond that a client gets ``503``.
+Two ways, by what the work is. The block events are made into JSON on the loop, as the
+response goes out (:func:`stream`): one event at a time, a turn of the loop after each
+:data:`CHUNK` sent and after about :data:`STEP` of work, one piece in memory at a time. No
+thread shares the GIL with the loop's for it: a thread doing Python work makes the loop thread
+wait for the GIL up to a switch interval (5 ms) each time it wants it back, and a garbage
+collection that the thread's allocations trigger holds the GIL throughout (tens of ms on a
+large heap).
+
+The Prometheus exposition is one call into ``prometheus_client``, which cannot be cut into
+steps: it runs in a thread of its own (:func:`in_thread`), never in the loop's default
+executor (a scrape must not queue behind the app's ``run_in_executor`` work: metrics are most
+needed when the app is saturated), and is cut into :data:`CHUNK`-sized pieces there
+(:func:`pieces`): one large buffer made or freed on the loop costs a page fault or an
+unmapping per 4 kB page (a 10 MB body took 8 ms to free on a VM). It goes out piece by piece,
+each followed by a turn of the loop (:func:`respond`). At most :data:`MAX_RENDERS` renders run
+at once per process; beyond that a client gets ``503``.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import _thread
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, TypeVar
 
-__all__ = ["CHUNK", "MAX_RENDERS", "Busy", "Pieces", "in_thread", "pieces", "respond"]
+__all__ = ["CHUNK", "MAX_RENDERS", "STEP", "Busy", "Pieces", "in_thread", "pieces", "respond",
+           "stream"]
 
 T = TypeVar("T")
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
@@ -31,6 +38,10 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 MAX_RENDERS = 4
 #: Bytes per body message.
 CHUNK = 64 * 1024
+#: Seconds of work on the loop after which :func:`stream` gives the loop a turn.
+STEP = 0.001
+
+_clock = time.perf_counter
 
 _in_flight = 0
 _lock = threading.Lock()
@@ -131,3 +142,30 @@ async def respond(send: Send, status: int, body: bytes | Pieces,
     # on a VM): a thread lets go of them instead.
     with contextlib.suppress(Busy):
         await in_thread(body.clear)
+
+
+async def stream(send: Send, status: int, parts: Iterable[bytes | str],
+                 headers: list[tuple[bytes, bytes]], head_only: bool = False) -> None:
+    """A response whose body is made on the loop as it goes out, from ``parts`` (``str``
+    encoded as UTF-8), taken one at a time: sent in :data:`CHUNK`-sized messages, the loop
+    given a turn after each and after about :data:`STEP` of making them. Never held whole, so
+    sent without a content-length (chunked on HTTP/1.1). Each part should take well under
+    :data:`STEP` to make."""
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    if head_only:
+        await send({"type": "http.response.body", "body": b""})
+        return
+    buffer = bytearray()
+    turn = _clock() + STEP
+    for part in parts:
+        buffer += part.encode() if isinstance(part, str) else part
+        while len(buffer) >= CHUNK:
+            await send({"type": "http.response.body", "body": bytes(buffer[:CHUNK]),
+                        "more_body": True})
+            del buffer[:CHUNK]
+            await asyncio.sleep(0)
+            turn = _clock() + STEP
+        if _clock() >= turn:
+            await asyncio.sleep(0)
+            turn = _clock() + STEP
+    await send({"type": "http.response.body", "body": bytes(buffer)})

@@ -2,43 +2,32 @@
 exposition at their largest allowed sizes, served by a real uvicorn server on both loops, hold
 the loop for less than 10 ms at a time; and too many at once get 503, not a thread each.
 
-The large responses are fetched by a client in another process: one in this process would
-take the GIL from the server's loop thread while it reads them (up to a switch interval, 5 ms,
-each time), stretching the loop's steps with the client's own work.
+The largest responses are served by a server in a process of its own
+(tests/apps/own_endpoints.py), as in production: in this process, the test run's other threads
+and the client's parsing of 10 MB would share the GIL with the server's loop thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 
 import loopwatch
 from loopwatch import _offloop
-from loopwatch._events import BlockEvent, Frame
-from harness.servers import serve_in_thread
+from harness.servers import free_port, serve_in_subprocess, serve_in_thread
 
-STEP_LIMIT = 0.01
-
-
-def biggest_event(i: int) -> BlockEvent:
-    """An event as large as the settings allow: 100 frames, long paths and names."""
-    frames = tuple(
-        Frame(f"/srv/{'deep/' * 90}module_{n}.py", 100_000 + n, "Cls." + "f" * 200, "m")
-        for n in range(100)
-    )
-    return BlockEvent(time=time.time(), duration=0.2, task=f"Task-{i}", frames=frames,
-                      hint="h" * 200, method="GET", route="/r/{x}")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def build(registry: CollectorRegistry) -> Starlette:
@@ -46,87 +35,54 @@ def build(registry: CollectorRegistry) -> Starlette:
         Route("/loopwatch/events", loopwatch.events_app(limit=1000)),
         Mount("/metrics", loopwatch.metrics_app(registry)),
     ])
-    app.add_middleware(loopwatch.LoopWatchMiddleware, registry=registry, ring_size=1000,
-                       stack_depth=100, block_threshold=STEP_LIMIT, probe_interval=0.002,
-                       log_blocks=False, exclude_paths=())
+    app.add_middleware(loopwatch.LoopWatchMiddleware, registry=registry, log_blocks=False,
+                       exclude_paths=())
     return app
 
 
-_CLIENT = """
-import json, sys
-import httpx
-url, headers, kind = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-r = httpx.get(url, timeout=60, headers=headers)
-out = {"status": r.status_code, "length": len(r.content),
-       "encoding": r.headers.get("content-encoding")}
-if kind == "events":
-    events = r.json()["events"]
-    out["events"] = len(events)
-    out["frames"] = sorted({len(e["frames"]) for e in events})
-else:
-    out["big_total"] = "big_total" in r.text
-print(json.dumps(out))
-"""
-
-
-def fetch_elsewhere(url: str, kind: str, headers: dict[str, str] | None = None) -> Any:
-    """GET ``url`` from a client in another process; what it saw (``kind``: "events" or
-    "metrics")."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _CLIENT, url, json.dumps(headers or {}), kind],
-        capture_output=True, text=True, timeout=90,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout)
-
-
-def own_steps_over_the_limit(monitor: loopwatch.Monitor, routes: set[str]) -> list[Any]:
-    """Block events of the endpoints' own steps that held the loop for 10 ms or more by
-    themselves (the OS taking the CPU away on a loaded host is not the endpoint's doing)."""
-    return [(e.route, e.duration, e.preempted) for e in monitor.blocks
-            if e.route in routes and e.duration - e.preempted - e.paused >= STEP_LIMIT]
+@contextlib.contextmanager
+def largest_server(loop_kind: str) -> Iterator[httpx.Client]:
+    """tests/apps/own_endpoints.py served by uvicorn in a process of its own, as in production:
+    no other thread of this test run shares the server's GIL."""
+    port = free_port()
+    args = ["-m", "uvicorn", "tests.apps.own_endpoints:app", "--port", str(port),
+            "--loop", loop_kind, "--log-level", "warning", "--no-access-log"]
+    with serve_in_subprocess(args, port=port, cwd=ROOT, path="/health", timeout=60,
+                             output="file"):
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield client
 
 
 def test_the_largest_events_response_never_holds_the_loop(loop_kind: str) -> None:
-    registry = CollectorRegistry()
-    app = build(registry)
-    with serve_in_thread(app, loop=loop_kind) as server:
-        httpx.get(server.url + "/loopwatch/events?limit=1")  # the monitor starts
-        monitor = loopwatch.get_monitor(server.loop)
-        assert monitor is not None
-        done = threading.Event()
-        injected = [biggest_event(i) for i in range(1000)]  # built here, off the loop
-        server.loop.call_soon_threadsafe(lambda: (monitor.blocks.extend(injected), done.set()))
-        assert done.wait(5)
-        before = len(monitor.blocks)
-        started = time.perf_counter()
-        got = fetch_elsewhere(server.url + "/loopwatch/events?limit=1000", "events")
-        took = time.perf_counter() - started
-        assert got["status"] == 200
-        assert got["events"] == 1000 and got["frames"] == [100], got
-        assert got["length"] > 10_000_000  # it is the largest response allowed
+    """Made on the loop as it goes out, in short steps: no step of it, and no stall of the
+    loop while it is served, lasts 10 ms."""
+    with largest_server(loop_kind) as client:
+        assert client.post("/fill").json() == {"filled": 1000}
+        response = client.get("/loopwatch/events?limit=1000")
+        assert response.status_code == 200
+        assert len(response.content) > 10_000_000  # it is the largest response allowed
+        events = response.json()["events"]
+        assert len(events) == 1000 and {len(e["frames"]) for e in events} == {100}
         time.sleep(0.1)
-        new = list(monitor.blocks)[before - len(monitor.blocks):] if len(monitor.blocks) else []
-        assert not own_steps_over_the_limit(monitor, {"/loopwatch/events"}), (took, new[-5:])
+        assert client.get("/steps").json() == {"own": [], "untimed": []}
 
 
 def test_the_largest_exposition_never_holds_the_loop(loop_kind: str) -> None:
-    registry = CollectorRegistry()
-    counter = Counter("big_total", "many series", ["label"], registry=registry)
-    for i in range(20_000):
-        counter.labels(f"value-{i:05d}-" + "x" * 40).inc()
-    app = build(registry)
-    with serve_in_thread(app, loop=loop_kind) as server:
+    """Rendered in a thread (prometheus_client's one call): no step of the endpoint on the
+    loop lasts 10 ms. (The render thread still shares the GIL with the loop's: README, "Own
+    endpoints".)"""
+    with largest_server(loop_kind) as client:
         for accept in ("", "application/openmetrics-text; version=1.0.0"):
-            got = fetch_elsewhere(server.url + "/metrics/", "metrics",
-                                  {"accept": accept, "accept-encoding": "identity"})
-            assert got["status"] == 200 and got["big_total"], got
-        got = fetch_elsewhere(server.url + "/metrics/", "metrics", {"accept-encoding": "gzip"})
-        assert got["status"] == 200 and got["encoding"] == "gzip", got
-        monitor = loopwatch.get_monitor(server.loop)
-        assert monitor is not None
+            response = client.get("/metrics/", headers={"accept": accept,
+                                                        "accept-encoding": "identity"})
+            assert response.status_code == 200
+            assert response.text.count("big_total{") == 20_000
+        response = client.get("/metrics/", headers={"accept-encoding": "gzip"})
+        assert response.status_code == 200
+        assert response.headers["content-encoding"] == "gzip"
+        assert response.text.count("big_total{") == 20_000  # httpx decoded it
         time.sleep(0.1)
-        assert not own_steps_over_the_limit(monitor, {"/metrics/{path}"})
+        assert client.get("/steps").json()["own"] == []
 
 
 def test_too_many_renders_at_once_get_503_not_a_thread_each(loop_kind: str) -> None:
@@ -152,7 +108,7 @@ def test_too_many_renders_at_once_get_503_not_a_thread_each(loop_kind: str) -> N
         try:
             async def flood() -> list[int]:
                 async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-                    calls = [asyncio.create_task(client.get("/loopwatch/events"))
+                    calls = [asyncio.create_task(client.get("/metrics/"))
                              for _ in range(_offloop.MAX_RENDERS + 6)]
                     await asyncio.sleep(0.5)
                     assert len(running) == _offloop.MAX_RENDERS, running  # threads started
@@ -185,3 +141,73 @@ def test_bodies_go_out_whole_in_chunks(size: int, whole: bool) -> None:
     assert b"".join(m["body"] for m in chunks) == body
     assert all(len(m["body"]) <= _offloop.CHUNK for m in chunks)
     assert [m.get("more_body", False) for m in chunks] == [True] * (len(chunks) - 1) + [False]
+
+
+def test_a_streamed_body_goes_out_whole_in_chunks_without_a_length() -> None:
+    """``stream``: parts of any size, str or bytes, go out complete, in messages of at most
+    CHUNK bytes, with no content-length (the whole is never known)."""
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    parts: list[bytes | str] = ["{", b"", "é" * 1000, b"x" * (2 * _offloop.CHUNK + 5), "y" * 7, "}"]
+    asyncio.run(_offloop.stream(send, 200, iter(parts), [(b"content-type", b"application/json")]))
+    assert sent[0] == {"type": "http.response.start", "status": 200,
+                       "headers": [(b"content-type", b"application/json")]}
+    body = b"".join(p.encode() if isinstance(p, str) else p for p in parts)
+    assert b"".join(m["body"] for m in sent[1:]) == body
+    assert all(len(m["body"]) <= _offloop.CHUNK for m in sent[1:])
+    assert [m.get("more_body", False) for m in sent[1:]] == [True] * (len(sent) - 2) + [False]
+
+
+def test_a_streamed_head_response_makes_no_body() -> None:
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    def parts() -> Any:
+        raise AssertionError("the body was made for a HEAD request")
+        yield ""
+
+    asyncio.run(_offloop.stream(send, 200, parts(), [], head_only=True))
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[1]["body"] == b"" and not sent[1].get("more_body")
+
+
+def test_a_streamed_body_gives_the_loop_a_turn_after_each_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts that each take 0.6 STEP to make (on a clock the test moves): the loop's other
+    tasks run after every two, not after the whole body."""
+    now = [0.0]
+    monkeypatch.setattr(_offloop, "_clock", lambda: now[0])
+    log: list[str] = []
+
+    def parts() -> Any:
+        for _ in range(50):
+            now[0] += 0.6 * _offloop.STEP
+            log.append("part")
+            yield "x" * 100
+
+    async def send(message: Any) -> None:
+        pass
+
+    async def main() -> None:
+        done = False
+
+        async def other() -> None:
+            while not done:
+                log.append("turn")
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(other())
+        await asyncio.sleep(0)
+        await _offloop.stream(send, 200, parts(), [])
+        done = True
+        await task
+
+    asyncio.run(main())
+    runs = "".join("p" if entry == "part" else " " for entry in log).split()
+    assert log.count("part") == 50
+    assert max(len(run) for run in runs) == 2, runs
