@@ -149,7 +149,7 @@ async def stream(send: Send, status: int, parts: Iterable[bytes | str],
     """A response whose body is made on the loop as it goes out, from ``parts`` (``str``
     encoded as UTF-8), taken one at a time: sent in :data:`CHUNK`-sized messages, the loop
     given a turn after each and after about :data:`STEP` of making them. Never held whole, so
-    sent without a content-length (chunked on HTTP/1.1). Each part should take well under
+    sent without a content-length (chunked on HTTP/1.1). Each part should take less than
     :data:`STEP` to make."""
     await send({"type": "http.response.start", "status": status, "headers": headers})
     if head_only:
