@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import Any, TypeVar
 
 __all__ = ["CHUNK", "MAX_RENDERS", "STEP", "Busy", "Pieces", "in_thread", "pieces", "respond",
@@ -57,17 +57,23 @@ def pieces(parts: Iterable[bytes | str]) -> Pieces:
     out = Pieces()
     buffer = bytearray()
     for part in parts:
-        data = memoryview(part.encode() if isinstance(part, str) else part)
-        while len(data):
-            take = CHUNK - len(buffer)
-            buffer += data[:take]
-            data = data[take:]
-            if len(buffer) == CHUNK:
-                out.append(bytes(buffer))
-                buffer.clear()
+        out.extend(_filled(buffer, part))
     if buffer or not out:
         out.append(bytes(buffer))
     return out
+
+
+def _filled(buffer: bytearray, part: bytes | str) -> Iterator[bytes]:
+    """Adds ``part`` to ``buffer`` (less than :data:`CHUNK` bytes), yielding each
+    :data:`CHUNK` it fills and emptying it: a large part is never copied whole."""
+    data = memoryview(part.encode() if isinstance(part, str) else part)
+    while len(data):
+        take = CHUNK - len(buffer)
+        buffer += data[:take]
+        data = data[take:]
+        if len(buffer) == CHUNK:
+            yield bytes(buffer)
+            buffer.clear()
 
 
 class Busy(Exception):
@@ -158,11 +164,8 @@ async def stream(send: Send, status: int, parts: Iterable[bytes | str],
     buffer = bytearray()
     turn = _clock() + STEP
     for part in parts:
-        buffer += part.encode() if isinstance(part, str) else part
-        while len(buffer) >= CHUNK:
-            await send({"type": "http.response.body", "body": bytes(buffer[:CHUNK]),
-                        "more_body": True})
-            del buffer[:CHUNK]
+        for piece in _filled(buffer, part):
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
             await asyncio.sleep(0)
             turn = _clock() + STEP
         if _clock() >= turn:
