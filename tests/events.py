@@ -15,9 +15,12 @@ from loopwatch import BlockEvent
 from loopwatch._gc import GC_ROUTE
 from loopwatch._monitor import PAUSED_ROUTE
 
-__all__ = ["of_code"]
+__all__ = ["NOT_CODE", "of_code"]
+
+#: The routes of the blocks no code made.
+NOT_CODE = (GC_ROUTE, PAUSED_ROUTE)
 
 
 def of_code(blocks: Iterable[BlockEvent]) -> list[BlockEvent]:
     """``blocks`` without the garbage collector's and the paused process's."""
-    return [b for b in blocks if b.route not in (GC_ROUTE, PAUSED_ROUTE)]
+    return [b for b in blocks if b.route not in NOT_CODE]
