@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from harness.servers import serve_in_subprocess
+from harness.servers import serve_in_subprocess, uvicorn_args
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -157,13 +157,12 @@ def http_get_sync(port: int, path: str, timeout: float = 30.0) -> tuple[int, byt
     return asyncio.run(http_get(port, path, timeout))
 
 
-def uvicorn_args(app: str, port: int, loop: str, factory: bool = True) -> list[str]:
+def bench_uvicorn_args(app: str, port: int, loop: str, factory: bool = True) -> list[str]:
     """uvicorn, one worker, httptools, access log off, ``app`` as ``benchmarks.<module>:<name>``
     from the repository root."""
-    args = ["-m", "uvicorn", app, "--app-dir", str(ROOT), "--host", "127.0.0.1",
-            "--port", str(port), "--loop", loop, "--http", "httptools", "--no-access-log",
-            "--log-level", "warning", "--workers", "1"]
-    return args + (["--factory"] if factory else [])
+    return uvicorn_args(app, port, "--app-dir", str(ROOT), "--http", "httptools",
+                        "--no-access-log", "--workers", "1", *(["--factory"] if factory else []),
+                        loop=loop)
 
 
 def server(args: Sequence[str], port: int, env: Mapping[str, str] | None = None,

@@ -37,7 +37,7 @@ from ._common import (
     http_get,
     log,
     server,
-    uvicorn_args,
+    bench_uvicorn_args,
     write_result,
     wrk,
 )
@@ -277,7 +277,7 @@ def served(loop: str, args: argparse.Namespace) -> dict[str, Any]:
     env = {"LOOPWATCH_BLOCK_THRESHOLD": str(args.threshold), "LOOPWATCH_RING_SIZE": "10000",
            "LOOPWATCH_LOG_BLOCKS": "false"}
     out: dict[str, Any] = {"threshold": args.threshold}
-    app = uvicorn_args("benchmarks.bench_apps:accuracy", port, loop)
+    app = bench_uvicorn_args("benchmarks.bench_apps:accuracy", port, loop)
     with server(app, port, env, ready="/ok/json"):
         # Warm up, then forget what the warm-up did.
         asyncio.run(mixed_load(port, 1.0, 2, 1, seed=0))

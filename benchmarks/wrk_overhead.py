@@ -25,7 +25,7 @@ from ._common import (
     log,
     server,
     summary,
-    uvicorn_args,
+    bench_uvicorn_args,
     write_result,
     wrk,
 )
@@ -50,7 +50,7 @@ def run_loop(loop: str, args: argparse.Namespace) -> dict[str, Any]:
         for name in names:
             ports[name] = free_port()
             procs[name] = stack.enter_context(
-                server(uvicorn_args(UVICORN_FACTORIES[name], ports[name], loop), ports[name],
+                server(bench_uvicorn_args(UVICORN_FACTORIES[name], ports[name], loop), ports[name],
                        ready=PATH))
         for name in names:  # warm-up: imports, specialisation, connection setup
             wrk(ports[name], PATH, args.warmup)

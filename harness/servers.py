@@ -31,6 +31,16 @@ def free_port(host: str = "127.0.0.1") -> int:
             return port
 
 
+def uvicorn_args(app: str, port: int, *options: str, loop: str | None = None,
+                 log_level: str = "warning") -> list[str]:
+    """The arguments of ``python -m uvicorn`` (for :func:`serve_in_subprocess`) that serve
+    ``app`` (``"module:attribute"``) on 127.0.0.1:``port``, logging ``log_level`` and up, on
+    ``loop`` (uvicorn's choice when None); ``options`` are more of uvicorn's flags."""
+    args = ["-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", log_level]
+    return args + (["--loop", loop] if loop is not None else []) + list(options)
+
+
 @dataclass
 class RunningServer:
     url: str

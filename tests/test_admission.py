@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import loopwatch
-from harness.servers import free_port, serve_in_subprocess
+from harness.servers import free_port, serve_in_subprocess, uvicorn_args
 from loopwatch import _admission
 from tests.apps.shedding import WINDOW
 from tests.needs import missing
@@ -121,8 +121,7 @@ def run_scenario(loop_kind: str, shed: bool) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         missing("wrk is missing: install the Debian package `wrk`")
     port = free_port()
-    args = ["-m", "uvicorn", "tests.apps.shedding:app", "--port", str(port), "--loop", loop_kind,
-            "--log-level", "warning", "--no-access-log"]
+    args = uvicorn_args("tests.apps.shedding:app", port, "--no-access-log", loop=loop_kind)
     env = {"SHED": "1" if shed else "0"}
     with serve_in_subprocess(args, port=port, env=env, cwd=ROOT, path="/health",
                              output="file"):

@@ -35,7 +35,7 @@ import loopwatch
 from demo_app import Settings, create_app
 from loopwatch._metrics import metrics_for
 from tests.apps import hardening_app
-from harness.servers import free_port, serve_in_subprocess, serve_in_thread
+from harness.servers import free_port, serve_in_subprocess, serve_in_thread, uvicorn_args
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 0.5  # the demo's upstream timeout in these tests
@@ -291,8 +291,7 @@ def test_a_dead_watchdog_is_reported_once_and_never_hangs_the_app(
 def corpus_url() -> Iterator[str]:
     """The corpus app, watched by loopwatch, under uvicorn in its own process."""
     port = free_port()
-    args = ["-m", "uvicorn", "tests.apps.hardening_app:app", "--port", str(port),
-            "--loop", "asyncio", "--log-level", "warning"]
+    args = uvicorn_args("tests.apps.hardening_app:app", port, loop="asyncio")
     env: dict[str, str | None] = {"PYTHONPATH": str(ROOT), "PROMETHEUS_MULTIPROC_DIR": None}
     with serve_in_subprocess(args, port=port, env=env, path="/pid"):
         yield f"http://127.0.0.1:{port}"

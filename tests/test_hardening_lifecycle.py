@@ -30,7 +30,7 @@ from loopwatch import _hooks, _monitor
 from loopwatch._metrics import metrics_for
 from tests.apps import hardening_app
 from tests.conftest import run_on
-from harness.servers import free_port, serve_in_thread
+from harness.servers import free_port, serve_in_thread, uvicorn_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -261,8 +261,7 @@ def uvicorn_process(loop: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HARDENING_REPORT_EXIT": "1"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "tests.apps.hardening_app:app", "--port", str(port),
-         "--loop", loop, "--log-level", "warning"],
+        [sys.executable, *uvicorn_args("tests.apps.hardening_app:app", port, loop=loop)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:

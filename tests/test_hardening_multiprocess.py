@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness.servers import free_port, serve_in_subprocess
+from harness.servers import free_port, serve_in_subprocess, uvicorn_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,8 +43,8 @@ def workers(tmp_path: Path) -> Iterator[str]:
     port = free_port()
     env: dict[str, str | None] = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
                                   "PYTHONPATH": str(ROOT)}
-    args = ["-m", "uvicorn", "tests.apps.hardening_app:app", "--workers", "2", "--port",
-            str(port), "--log-level", "warning", "--timeout-worker-healthcheck", "2"]
+    args = uvicorn_args("tests.apps.hardening_app:app", port, "--workers", "2",
+                        "--timeout-worker-healthcheck", "2")
     with serve_in_subprocess(args, port=port, env=env, path="/pid", timeout=30):
         yield f"http://127.0.0.1:{port}"
 

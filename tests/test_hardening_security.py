@@ -23,7 +23,7 @@ from demo_app.config import ConfigError
 from demo_app.faults import Behaviour
 from tests.apps import hardening_admin, hardening_app
 from tests.events import NOT_CODE
-from harness.servers import free_port, serve_in_thread
+from harness.servers import free_port, serve_in_thread, uvicorn_args
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "hardening.md"
@@ -238,8 +238,8 @@ def test_a_server_with_a_bad_loopwatch_variable_fails_at_startup_naming_it() -> 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LOOPWATCH_RING_SIZE": "lots"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "tests.apps.hardening_app:app", "--port", str(port),
-         "--log-level", "info"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, *uvicorn_args("tests.apps.hardening_app:app", port, log_level="info")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     answered = None
     try:

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from loopwatch._accel import ctiming
 from loopwatch._metrics import metrics_for
 from tests.apps import sample
-from harness.servers import RunningServer, free_port, serve_in_subprocess, serve_in_thread
+from harness.servers import RunningServer, free_port, serve_in_subprocess, serve_in_thread, uvicorn_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,8 +107,7 @@ def sample_server(loop_kind: str) -> Iterator[str]:
     """The sample app under uvicorn in its own process, as in production: a client in the
     same process would compete with the server's loop for the GIL and distort timings."""
     port = free_port()
-    args = ["-m", "uvicorn", "tests.apps.sample:app", "--port", str(port), "--loop", loop_kind,
-            "--log-level", "warning"]
+    args = uvicorn_args("tests.apps.sample:app", port, loop=loop_kind)
     env: dict[str, str | None] = {"PYTHONPATH": str(ROOT), "PROMETHEUS_MULTIPROC_DIR": None}
     with serve_in_subprocess(args, port=port, env=env, path="/pid"):
         yield f"http://127.0.0.1:{port}"
@@ -379,8 +378,7 @@ def test_uvicorn_workers_share_metrics_in_multiprocess_mode(tmp_path: Path) -> N
     port = free_port()
     env: dict[str, str | None] = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
                                   "PYTHONPATH": str(ROOT)}
-    args = ["-m", "uvicorn", "tests.apps.sample:app", "--workers", "2", "--port", str(port),
-            "--log-level", "warning"]
+    args = uvicorn_args("tests.apps.sample:app", port, "--workers", "2")
     with serve_in_subprocess(args, port=port, env=env, path="/pid"):
         pids: set[int] = set()
         n = 0

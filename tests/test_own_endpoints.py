@@ -25,7 +25,7 @@ from starlette.routing import Mount, Route
 
 import loopwatch
 from loopwatch import _offloop
-from harness.servers import free_port, serve_in_subprocess, serve_in_thread
+from harness.servers import free_port, serve_in_subprocess, serve_in_thread, uvicorn_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,8 +45,7 @@ def largest_server(loop_kind: str) -> Iterator[httpx.Client]:
     """tests/apps/own_endpoints.py served by uvicorn in a process of its own, as in production:
     no other thread of this test run shares the server's GIL."""
     port = free_port()
-    args = ["-m", "uvicorn", "tests.apps.own_endpoints:app", "--port", str(port),
-            "--loop", loop_kind, "--log-level", "warning", "--no-access-log"]
+    args = uvicorn_args("tests.apps.own_endpoints:app", port, "--no-access-log", loop=loop_kind)
     with serve_in_subprocess(args, port=port, cwd=ROOT, path="/health", timeout=60,
                              output="file"):
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:

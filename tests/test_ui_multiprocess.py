@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from harness.servers import free_port, serve_in_subprocess
+from harness.servers import free_port, serve_in_subprocess, uvicorn_args
 
 WORKERS = 2
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_route_table_covers_every_worker(tmp_path: Path) -> None:
     port = free_port()
-    args = ["-m", "uvicorn", "tests.test_ui_support:default_registry_app", "--factory",
-            "--workers", str(WORKERS), "--port", str(port), "--log-level", "warning"]
+    args = uvicorn_args("tests.test_ui_support:default_registry_app", port, "--factory",
+                        "--workers", str(WORKERS))
     env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
     with serve_in_subprocess(args, port=port, env=env, path="/items/0", timeout=60):
         url = f"http://127.0.0.1:{port}"

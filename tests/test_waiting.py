@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 import loopwatch
-from harness.servers import free_port, serve_in_subprocess, serve_in_thread
+from harness.servers import free_port, serve_in_subprocess, serve_in_thread, uvicorn_args
 from loopwatch._metrics import metrics_for
 from tests.apps import waiting
 from tests.conftest import run_on
@@ -172,8 +172,7 @@ def test_a_saturated_loop_without_blocks(loop_kind: str) -> None:
     wait; each second of it can leave out at most one second for each request in flight."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    args = ["-m", "uvicorn", "tests.apps.waiting:app", "--port", str(port), "--loop",
-            loop_kind, "--log-level", "warning"]
+    args = uvicorn_args("tests.apps.waiting:app", port, loop=loop_kind)
 
     async def load() -> int:
         limits = httpx.Limits(max_connections=IN_FLIGHT)
