@@ -57,15 +57,18 @@ async def fill(request: Request) -> JSONResponse:
 
 async def steps(request: Request) -> JSONResponse:
     """The blocks caught holding the loop for ``STEP_LIMIT`` or more, not counting the OS's
-    time (runqueue waits, pauses): ``own``, steps of the own endpoints; ``untimed``, stalls of
-    the loop seen only by its probe (the loop thread waiting for the GIL, say), but not the
-    collector's or a pause's. Each as
-    (route, duration, preempted, paused)."""
-    blocks = [e for e in _monitor().blocks if e.duration - e.preempted - e.paused >= STEP_LIMIT]
+    time (runqueue waits, pauses) nor the garbage collector's (a collection of this process's
+    heap, set off by whatever step allocated last, is reported on its own as ``<gc>`` when it
+    takes nearly the whole block; within a longer one it is ``gc_seconds``): ``own``, steps of
+    the own endpoints; ``untimed``, stalls of the loop seen only by its probe (the loop thread
+    waiting for the GIL, say), but not the collector's or a pause's. Each as
+    (route, duration, preempted, paused, gc_seconds)."""
+    blocks = [e for e in _monitor().blocks
+              if e.duration - e.preempted - e.paused - e.gc_seconds >= STEP_LIMIT]
     return JSONResponse({
-        "own": [(e.route, e.duration, e.preempted, e.paused)
+        "own": [(e.route, e.duration, e.preempted, e.paused, e.gc_seconds)
                 for e in blocks if e.route in OWN_ROUTES],
-        "untimed": [(e.route, e.duration, e.preempted, e.paused)
+        "untimed": [(e.route, e.duration, e.preempted, e.paused, e.gc_seconds)
                     for e in blocks if not e.timed and e.route not in NOT_THE_CODES],
     })
 
