@@ -35,18 +35,20 @@ if ctiming is not None:
 class _PyStepState:
     """What the step hooks write on a monitor (``_ctiming.StepState`` is its C twin)."""
 
-    __slots__ = ("active", "busy", "due", "idle", "idle_gap", "last_end", "long_end",
-                 "look_after", "run_start", "step_start", "threshold")
+    __slots__ = ("active", "busy", "due", "idle", "idle_gap", "last_end", "last_gap",
+                 "long_end", "look_after", "run_start", "step_start", "threshold")
     active: bool
     busy: float
     step_start: float
     threshold: float
     #: Of the loop's waiting (see _waiting): when its last step ended, its pauses so far,
-    #: when it last started running after one, when its last step of look_after or more
-    #: ended, the due time of the running step's timer (0: none known), and the two limits.
+    #: when it last started running after one and how long that one was, when its last step
+    #: of look_after or more ended, the due time of the running step's timer (0: none
+    #: known), and the two limits.
     last_end: float
     idle: float
     run_start: float
+    last_gap: float
     long_end: float
     due: float
     idle_gap: float

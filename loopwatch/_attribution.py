@@ -33,12 +33,13 @@ class _PyOwnerState:
     measured from (see :mod:`._waiting`; a step that starts once ``ended`` is set is charged
     no wait). ``_ctiming.OwnerState`` is its C twin, where the hooks write C doubles."""
 
-    __slots__ = ("busy", "delayed", "ended", "last_end", "others_mark")
+    __slots__ = ("busy", "delayed", "ended", "last_end", "others_mark", "timer_end")
     busy: float
     delayed: float
     last_end: float
     others_mark: float
     ended: float
+    timer_end: float
 
 
 #: The base of every owner.
@@ -65,6 +66,7 @@ class Owner(OwnerState):
         self.last_end = 0.0
         self.others_mark = 0.0
         self.ended = 0.0
+        self.timer_end = 0.0
         self.method = method
         self.route = route
 

@@ -19,13 +19,14 @@ cdef class RequestPath:
     cdef public object monitor
 
 cdef class RequestOwner:
-    # busy, delayed, last_end, others_mark, ended first, no C methods (no vtable): the layout of
+    # busy, delayed, last_end, others_mark, ended, timer_end first, no C methods (no vtable): the layout of
     # _ctiming.OwnerState, whose fields the C hooks write straight to (they check that at start-up: configure(owner_type=...))
     cdef public double busy
     cdef public double delayed
     cdef public double last_end
     cdef public double others_mark
     cdef public double ended
+    cdef public double timer_end
     cdef public object method
     cdef public object route
     cdef public object scope

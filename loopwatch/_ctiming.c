@@ -112,7 +112,7 @@ typedef struct {
     double step_start;
     double busy;
     double threshold;
-    double last_end, idle, run_start, long_end, due, idle_gap, look_after; /* _waiting.py */
+    double last_end, idle, run_start, last_gap, long_end, due, idle_gap, look_after; /* _waiting */
     char active;
 } StepState;
 
@@ -127,6 +127,7 @@ static PyMemberDef ss_members[] = {
      "When the last step of look_after or more ended."},
     {"run_start", T_DOUBLE, offsetof(StepState, run_start), 0,
      "When the loop last started running without a pause."},
+    {"last_gap", T_DOUBLE, offsetof(StepState, last_gap), 0, "How long that pause was."},
     {"due", T_DOUBLE, offsetof(StepState, due), 0,
      "The running step's timer due time (0: none known)."},
     {"idle_gap", T_DOUBLE, offsetof(StepState, idle_gap), 0,
@@ -152,7 +153,7 @@ static PyTypeObject StepStateType = {
 typedef struct {
     PyObject_HEAD
     double busy;
-    double delayed, last_end, others_mark, ended; /* see _waiting.py */
+    double delayed, last_end, others_mark, ended, timer_end; /* see _waiting.py */
 } OwnerState;
 
 static PyMemberDef os_members[] = {
@@ -165,6 +166,8 @@ static PyMemberDef os_members[] = {
      "Time passed less pauses and its own steps, when its last step ended."},
     {"ended", T_DOUBLE, offsetof(OwnerState, ended), 0,
      "When its response was sent (0: not yet): later steps are charged no wait."},
+    {"timer_end", T_DOUBLE, offsetof(OwnerState, timer_end), 0,
+     "When its last step ended, if that was an asyncio timer's callback (else 0)."},
     {NULL},
 };
 
@@ -231,16 +234,28 @@ static inline double
 running_wait(StepState *state, OwnerState *o, double t0)
 {
     double others = t0 - state->idle - o->busy - o->others_mark;
-    if (LIKELY(others <= 0.0 || o->last_end == 0.0) || (o->ended != 0.0 && t0 >= o->ended)) {
+    double ready = o->last_end;
+    int chained = ready == o->timer_end;
+    if (LIKELY(others <= 0.0 && !chained && state->due == 0.0) || ready == 0.0 ||
+            (o->ended != 0.0 && t0 >= o->ended)) {
         return 0.0;
     }
-    double ready = o->last_end;
-    double since = state->due != 0.0 ? state->due : state->run_start;
+    double since = chained ? ready : (state->due != 0.0 ? state->due : state->run_start);
     if (since > ready) {
         ready = since;
     }
     double wait = t0 - ready;
-    return wait <= 0.0 ? 0.0 : (wait < others ? wait : others);
+    if (wait <= 0.0) {
+        return 0.0;
+    }
+    if (chained || state->due != 0.0) {
+        double pause_start = state->run_start - state->last_gap;
+        double held = state->run_start - (ready > pause_start ? ready : pause_start);
+        if (held > 0.0) {
+            others += held;
+        }
+    }
+    return others <= 0.0 ? 0.0 : (wait < others ? wait : others);
 }
 
 /* What _hooks._account does: the step's time to the monitor and the owner (None: nobody's),
@@ -248,7 +263,7 @@ running_wait(StepState *state, OwnerState *o, double t0)
  * raises: a failure is counted by the monitor as its internal error. The pending exception
  * (the step's) is kept. */
 static void
-account(StepState *state, double t0, double dt, PyObject *owner, PyObject *what)
+account(StepState *state, double t0, double dt, PyObject *owner, PyObject *what, int timer)
 {
     int slow_owner = 0;
     double end = t0 + dt;
@@ -264,6 +279,7 @@ account(StepState *state, double t0, double dt, PyObject *owner, PyObject *what)
             o->delayed += running_wait(state, o, t0);
             o->busy += dt;
             o->last_end = end;
+            o->timer_end = timer ? end : 0.0;
             o->others_mark = end - state->idle - o->busy;
         }
         else {
@@ -323,6 +339,7 @@ begin_step(StepState *state, double t0, PyObject *what, int look)
     if (paused) {
         state->idle += gap;
         state->run_start = t0;
+        state->last_gap = gap;
     }
     if (UNLIKELY(look)) {
         look_closer(state, t0, what);
@@ -604,7 +621,7 @@ hr_run(HandleRun *self, PyObject *handle)
         owner = context_owner(ctx);
         pending_restore(&pending);
     }
-    account(state, t0, dt, owner, callback == NULL ? Py_None : callback);
+    account(state, t0, dt, owner, callback == NULL ? Py_None : callback, timer);
     Py_DECREF(owner);
     Py_XDECREF(callback);
     Py_XDECREF(ctx);
@@ -764,7 +781,7 @@ end_task_step(TimedCoroutine *self, double t0)
 {
     double dt = now() - t0;
     PyObject *owner = current_owner(); /* a task step runs in its task's context */
-    account((StepState *)self->monitor, t0, dt, owner, Py_None);
+    account((StepState *)self->monitor, t0, dt, owner, Py_None, 0);
     Py_DECREF(owner);
     self->last_end = ((StepState *)self->monitor)->last_end;
 }

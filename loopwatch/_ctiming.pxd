@@ -6,3 +6,4 @@ cdef extern from *:
         cdef double last_end
         cdef double others_mark
         cdef double ended
+        cdef double timer_end

@@ -58,8 +58,10 @@ _handle_users = 0
 _owner_var = current_owner
 
 
-def _account(mon: Any, t0: float, dt: float, owner: Any, callback: Any) -> None:
-    """After a step of ``dt`` seconds that started at ``t0``."""
+def _account(mon: Any, t0: float, dt: float, owner: Any, callback: Any,
+             timer: bool = False) -> None:
+    """After a step of ``dt`` seconds that started at ``t0`` (``timer``: an asyncio timer's
+    callback)."""
     try:
         mon.step_start = 0.0
         end = t0 + dt
@@ -69,7 +71,7 @@ def _account(mon: Any, t0: float, dt: float, owner: Any, callback: Any) -> None:
         mon.busy += dt  # (a stopped monitor's busy time is no longer read)
         if owner is not None:
             try:
-                _charge_wait(mon, owner, t0, end)  # see _waiting
+                _charge_wait(mon, owner, t0, end, timer)  # see _waiting
             except AttributeError:  # an owner with a busy time only (AnyOwner)
                 pass
             owner.busy += dt
@@ -92,13 +94,14 @@ def _timed_run(self: asyncio.Handle, _run: Any = _original_run, _clock: Any = _c
         return
     t0 = _clock()
     # asyncio's own timers: the due time of the one that runs (a task's step follows it)
-    _begin(mon, t0, self, type(self) is _TimerHandle)
+    timer = type(self) is _TimerHandle
+    _begin(mon, t0, self, timer)
     try:
         _run(self)
     finally:
         dt = _clock() - t0
         owner = self._context.get(_owner_var)  # type: ignore[attr-defined]
-        _account(mon, t0, dt, owner, self._callback)  # type: ignore[attr-defined]
+        _account(mon, t0, dt, owner, self._callback, timer)  # type: ignore[attr-defined]
 
 
 _py_timed_run = _timed_run

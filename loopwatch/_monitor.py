@@ -107,7 +107,7 @@ class Monitor(StepState):
     """
 
     # Attributes written on every step (step_start, busy, threshold, active, and the loop's
-    # waiting: last_end, idle, run_start, long_end, due, idle_gap, look_after) are in the
+    # waiting: last_end, idle, run_start, last_gap, long_end, due, idle_gap, look_after) are in the
     # StepState base: C fields where the extension was built, else plain slots.
     __slots__ = (
         "_block_sinks",
@@ -173,6 +173,7 @@ class Monitor(StepState):
         self.last_end = 0.0
         self.idle = 0.0
         self.run_start = 0.0
+        self.last_gap = 0.0
         self.long_end = 0.0
         self.due = 0.0
         self.idle_gap = IDLE_GAP

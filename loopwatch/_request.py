@@ -116,7 +116,8 @@ class RequestOwner:
     is read from the scope once routed."""
 
     __slots__ = ("__weakref__", "busy", "delayed", "ended", "last_end", "method",
-                 "others_mark", "route", "routes", "scope", "server_send", "status")
+                 "others_mark", "route", "routes", "scope", "server_send", "status",
+                 "timer_end")
     busy: float
     delayed: float
     last_end: float
@@ -128,6 +129,7 @@ class RequestOwner:
     server_send: Send
     status: int
     ended: float
+    timer_end: float
 
     def labels(self) -> tuple[str | None, str | None]:
         """(method, route) for block events and the in-progress gauge."""
@@ -188,6 +190,7 @@ def new_owner(scope: Scope, routes: RouteIndex, send: Send) -> RequestOwner:
     owner.server_send = send
     owner.status = 0
     owner.ended = 0.0
+    owner.timer_end = 0.0
     owner.method = None
     owner.route = None
     return owner

@@ -18,10 +18,14 @@ the loop's thread waiting that long for the GIL or a CPU). The earliest moment i
 of the end of the owner's last step and either the due time of the timer that woke the step,
 where that is known, or else the start of the loop's current run (before its last pause
 nothing was ready; a known due time overrides it, as the loop does not pause while a timer
-is due). An owner is never charged for its own steps (its ``gather`` children are the same
-owner), nor for a pause of the loop, nor for a step that starts once its ``ended`` is set (a
-request's response was sent: its background tasks wait on no client; the request's delay
-stays within its duration).
+is due). A step that follows the owner's own asyncio timer callback (``timer_end``: asyncio
+ends a sleep so, the callback making the task's step ready for the next iteration) was ready
+from that callback's end. Where the step was due or ready before the loop's last pause
+(``last_gap`` long), that pause was the loop's thread held, not a pause: its part after the
+step was ready counts as other code's time. An owner is never charged for its own steps (its
+``gather`` children are the same owner), nor for a pause of the loop, nor for a step that
+starts once its ``ended`` is set (a request's response was sent: its background tasks wait on
+no client; the request's delay stays within its duration).
 
 What this sees exactly: a timer that ran late (on asyncio, any timer: its handle's due time,
 read as it runs; on uvloop, whose timers run unseen in C, an ``asyncio.sleep``: its due time
@@ -74,6 +78,7 @@ def begin_step(mon: Any, t0: float, what: Any, look: bool) -> None:
     if paused:
         mon.idle += gap
         mon.run_start = t0
+        mon.last_gap = gap
     if look:
         mon.due = mon._wake_due(t0, what)
 
@@ -82,25 +87,40 @@ def running_wait(mon: Any, owner: Any, t0: float) -> float:
     """The wait charged to ``owner`` for its step that started at ``t0`` (its busy time not
     yet counting that step)."""
     others: float = t0 - mon.idle - owner.busy - owner.others_mark
-    if others <= 0.0 or not owner.last_end or (owner.ended and t0 >= owner.ended):
-        return 0.0
     ready = owner.last_end
+    # Its last step was its timer's callback, which made this step ready (asyncio ends a
+    # sleep so): ready from that step's end, whatever the loop did after it.
+    chained = ready == owner.timer_end
+    if (others <= 0.0 and not chained and not mon.due) or not ready \
+            or (owner.ended and t0 >= owner.ended):
+        return 0.0
     # A known due time overrides the run's start: the loop does not pause while a timer is
     # due, so a "pause" after it was another thread, or the OS, holding the loop's thread.
-    since = mon.due if mon.due else mon.run_start
+    since = ready if chained else (mon.due if mon.due else mon.run_start)
     if since > ready:
         ready = since
     wait: float = t0 - ready
     if wait <= 0.0:
         return 0.0
+    if chained or mon.due:
+        # Nor while a step is ready: the part of the loop's last "pause" after the step was
+        # ready was other code's time (the loop's thread held), not a pause.
+        pause_start = mon.run_start - mon.last_gap
+        held = mon.run_start - (ready if ready > pause_start else pause_start)
+        if held > 0.0:
+            others += held
+    if others <= 0.0:
+        return 0.0
     return wait if wait < others else others
 
 
-def charge_wait(mon: Any, owner: Any, t0: float, end: float) -> None:
-    """After ``owner``'s step from ``t0`` to ``end``, before it is added to its busy time:
-    charge the wait before it, and mark where the owner's next wait starts."""
+def charge_wait(mon: Any, owner: Any, t0: float, end: float, timer: bool = False) -> None:
+    """After ``owner``'s step from ``t0`` to ``end`` (``timer``: an asyncio timer's
+    callback), before it is added to its busy time: charge the wait before it, and mark
+    where the owner's next wait starts."""
     owner.delayed += running_wait(mon, owner, t0)
     owner.last_end = end
+    owner.timer_end = end if timer else 0.0
     owner.others_mark = end - mon.idle - owner.busy - (end - t0)
 
 

@@ -63,7 +63,8 @@ class FakeMonitor(StepState):  # type: ignore[misc, valid-type]
         self.busy = 0.0
         self.threshold = threshold
         # the who-waited fields as a Monitor starts them (_waiting)
-        self.last_end = self.idle = self.run_start = self.long_end = self.due = 0.0
+        self.last_end = self.idle = self.run_start = self.last_gap = self.long_end = 0.0
+        self.due = 0.0
         self.idle_gap = IDLE_GAP
         self.look_after = LOOK_AFTER
         self.active = True
@@ -320,6 +321,46 @@ def test_late_timers_are_charged_from_their_due_time_after_a_stall(hook: Any) ->
             run(timer)
         late = [owner.delayed for owner in owners]
         assert all(0.02 <= wait <= 0.04 for wait in late), late
+        assert not monitor.errors
+    finally:
+        loop.close()
+
+
+STALL_AFTER = 0.015  # a stall long enough to tell from the tolerance below
+
+
+@pytest.mark.parametrize("hook", run_hooks())
+@pytest.mark.parametrize("callback_context", [True, False], ids=["own-timer", "other-timer"])
+def test_a_task_woken_by_its_late_timer_is_charged_a_stall_before_its_step(
+        hook: Any, callback_context: bool) -> None:
+    """asyncio ends a sleep in two steps: the timer's callback (in the task's context) makes
+    the task's step ready, and that step runs an iteration later. A stall of the loop's
+    thread between the two (another thread holding the GIL) looks like a pause, but the
+    step was ready through it: the owner is charged from its timer's due time to its step,
+    stall included. A timer's callback of another context wakes nothing of the owner's: a
+    pause after it is not charged."""
+    run = run_hook(hook)
+    loop = asyncio.new_event_loop()
+    try:
+        monitor = FakeMonitor()
+        monitor.loop = loop
+        owner = Owner("GET", "/sleeper")
+        ctx = contextvars.copy_context()
+        ctx.run(current_owner.set, owner)
+        loop._loopwatch_monitor = monitor  # type: ignore[attr-defined]
+        run(asyncio.Handle(lambda: None, (), loop, context=ctx))  # falls asleep
+        due = loop.time() + 0.005
+        timer = asyncio.TimerHandle(due, lambda: None, (), loop,
+                                    context=ctx if callback_context else None)
+        run(asyncio.Handle(time.sleep, (0.03,), loop))  # nobody's: the timer falls due in it
+        run(timer)
+        time.sleep(STALL_AFTER)
+        run(asyncio.Handle(lambda: None, (), loop, context=ctx))  # the task's step
+        if callback_context:
+            # ~25 ms from the due time to the timer's callback, then the stall
+            assert 0.025 + STALL_AFTER - 0.003 <= owner.delayed <= 0.05, owner.delayed
+        else:  # the step follows a pause: woken by I/O, as far as anyone can tell
+            assert owner.delayed < 0.001, owner.delayed
         assert not monitor.errors
     finally:
         loop.close()

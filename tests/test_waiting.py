@@ -16,12 +16,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 import loopwatch
-from harness.servers import free_port, serve_in_subprocess, serve_in_thread, uvicorn_args
+from harness.servers import free_port, serve_in_subprocess, uvicorn_args
 from loopwatch._metrics import metrics_for
 from tests.apps import waiting
 from tests.conftest import run_on
 from tests.needs import missing
 
+ROOT = Path(__file__).resolve().parent.parent
 DELAYED = "loopwatch_request_delayed_seconds"
 #: Requests in flight at once in the saturated server.
 IN_FLIGHT = 64
@@ -62,17 +63,33 @@ def histogram(registry: CollectorRegistry, name: str, route: str, count: int) ->
 
 
 async def send_together(client: httpx.AsyncClient, paths: list[str]) -> None:
-    await client.get("/reset")
+    # A connection for each request, open before they are sent, so that they arrive together.
+    await asyncio.gather(*(client.get("/reset") for _ in paths))
     responses = await asyncio.gather(*(client.get(path) for path in paths))
     assert [r.status_code for r in responses] == [200] * len(paths)
 
 
-def check(registry: CollectorRegistry, app: Any, name: str) -> None:
+def scraped(url: str, name: str, route: str, count: int) -> float:
+    """The sum of ``name`` for GET ``route`` on the server at ``url``'s ``/metrics/``, once
+    ``count`` requests are in."""
+    deadline = time.monotonic() + 5
+    while True:
+        got = _scrape(url, route)
+        seen = got.get(f"{name}_count", 0.0)
+        if seen >= count:
+            return got.get(f"{name}_sum", 0.0)
+        assert time.monotonic() < deadline, f"{route}: {seen} of {count} requests recorded"
+        time.sleep(0.02)
+
+
+def check(name: str, timeline: waiting.Timeline, delayed: Callable[[str, int], float]) -> None:
+    """Scenario ``name`` as ``timeline`` saw it; ``delayed(route, count)`` is the sum of
+    the delay histogram for GET ``route`` once ``count`` requests are in."""
     paths, expect, charged = SCENARIOS[name]
     victim = paths[0]
-    got = histogram(registry, DELAYED, victim, paths.count(victim))
-    slow = histogram(registry, DELAYED, "/slow", 1)
-    waited = expect(app.state.timeline)
+    got = delayed(victim, paths.count(victim))
+    slow = delayed("/slow", 1)
+    waited = expect(timeline)
     expected = waited if charged else 0.0
     print(f"{name}: {victim} delayed {got:.3f} s over {paths.count(victim)} requests "
           f"(they waited {waited:.3f} s from the app's timeline, expected charged "
@@ -81,7 +98,7 @@ def check(registry: CollectorRegistry, app: Any, name: str) -> None:
     # before the 200 ms block, so it waited for most of the block, and never for longer than
     # the loop was held (the block, as long as it took, then any stall of the loop's thread
     # after it), give or take its own waking.
-    start, end = app.state.timeline.block
+    start, end = timeline.block
     held = end - start + sum(float(p.partition("stall=")[2] or 0) / 1000 for p in paths)
     n = paths.count(victim)
     assert 0.14 * n < waited < (held + 0.01) * n, (waited, held)
@@ -105,22 +122,29 @@ def test_a_request_is_charged_what_it_waited_for_others_in_process(
             await send_together(client, SCENARIOS[name][0])
 
     run_on(loop_kind, main())
-    check(registry, app, name)
+    check(name, app.state.timeline,
+          lambda route, count: histogram(registry, DELAYED, route, count))
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_a_request_is_charged_what_it_waited_for_others_through_uvicorn(
         loop_kind: str, name: str) -> None:
-    registry = CollectorRegistry()
-    app = waiting.build(registry)
+    """A uvicorn server in a process of its own, as in production (in this process a
+    collection of the whole test run's heap, in the client's thread, would hold the server's
+    loop too, and the sleepers would rightly be charged for a wait the scenario did not
+    stage)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
 
-    async def main(url: str) -> None:
+    async def main() -> None:
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             await send_together(client, SCENARIOS[name][0])
 
-    with serve_in_thread(app, loop=loop_kind) as server:
-        asyncio.run(main(server.url))
-    check(registry, app, name)
+    args = uvicorn_args("tests.apps.waiting:app", port, "--no-access-log", loop=loop_kind)
+    with serve_in_subprocess(args, port=port, cwd=ROOT, path="/reset", output="file"):
+        asyncio.run(main())
+        timeline = waiting.Timeline.from_json(httpx.get(f"{url}/timeline").json())
+        check(name, timeline, lambda route, count: scraped(url, DELAYED, route, count))
 
 
 def test_death_by_a_thousand_cuts(loop_kind: str) -> None:
@@ -151,12 +175,14 @@ def test_death_by_a_thousand_cuts(loop_kind: str) -> None:
     assert delayed == pytest.approx(duration - held, rel=0.10)
 
 
-def _scrape(url: str) -> dict[str, float]:
+def _scrape(url: str, route: str) -> dict[str, float]:
+    """The sums and counts of GET ``route``'s histograms on the server at ``url``."""
     text = httpx.get(f"{url}/metrics/").text
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.labels.get("route") == "/yields" and s.name.endswith(("_sum", "_count")):
+            if (s.labels.get("route") == route and s.labels.get("method") == "GET"
+                    and s.name.endswith(("_sum", "_count"))):
                 out[s.name] = s.value
     return out
 
@@ -190,7 +216,7 @@ def test_a_saturated_loop_without_blocks(loop_kind: str) -> None:
         queued = _runqueue_wait(server.pid)
         sent = asyncio.run(load())
         deadline = time.monotonic() + 5
-        while (got := _scrape(url)).get(f"{DELAYED}_count", 0) < sent:
+        while (got := _scrape(url, "/yields")).get(f"{DELAYED}_count", 0) < sent:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         queued = _runqueue_wait(server.pid) - queued

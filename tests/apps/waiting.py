@@ -10,7 +10,8 @@ block, which looks like a pause of the loop, before the sleepers run.
 ``/fanout`` sleeps in three ``gather`` children, ``/background`` in a background task after
 its response. ``/cuts`` holds the loop in small slices (``n`` of ``ms`` each, yielding between
 them), ``/yields`` only yields ``n`` times: many of them at once load the loop without a
-single block.
+single block. ``/timeline`` gives the timeline as JSON, for a test whose server runs in a
+process of its own.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.background import BackgroundTask
-from starlette.responses import PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Mount, Route
 
 import loopwatch
@@ -45,6 +46,15 @@ class Timeline:
         #: (when its timer was due, when it woke) for each /fast, perf_counter()
         self.wakes: list[tuple[float, float]] = []
         self.block: tuple[float, float] = (0.0, 0.0)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Timeline:
+        """The timeline ``/timeline`` gave."""
+        timeline = cls()
+        timeline.sleeps = list(data["sleeps"])
+        timeline.wakes = [(due, woke) for due, woke in data["wakes"]]
+        timeline.block = (data["block"][0], data["block"][1])
+        return timeline
 
     def expected_delay(self, sleeps: list[float] | None = None) -> float:
         """What the sleeps waited for /slow in all: each from its timer's due time to the end
@@ -124,6 +134,10 @@ def build(registry: CollectorRegistry, **options: Any) -> Starlette:
         timeline.block = (start, time.perf_counter())
         return PlainTextResponse("slow")
 
+    async def timeline_json(request: Request) -> JSONResponse:
+        return JSONResponse({"sleeps": timeline.sleeps, "wakes": timeline.wakes,
+                             "block": timeline.block})
+
     async def reset(request: Request) -> PlainTextResponse:
         timeline.reset()
         state.pop("asleep", None)
@@ -132,12 +146,13 @@ def build(registry: CollectorRegistry, **options: Any) -> Starlette:
 
     app = Starlette(routes=[
         Route("/fast", fast), Route("/slow", slow), Route("/reset", reset),
+        Route("/timeline", timeline_json),
         Route("/fanout", fanout), Route("/background", background), Route("/cuts", cuts),
         Route("/yields", yields),
         Mount("/metrics", loopwatch.metrics_app(registry)),
     ])
     app.add_middleware(loopwatch.LoopWatchMiddleware, registry=registry,
-                       exclude_paths=["/reset"], **options)
+                       exclude_paths=["/reset", "/timeline"], **options)
     app.state.timeline = timeline
     return app
 
