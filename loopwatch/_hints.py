@@ -79,8 +79,10 @@ _LINE_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\bsubprocess\.\w+\s*\(|\bos\.(system|popen|wait)\s*\("), SUBPROCESS_HINT),
     (re.compile(r"\.(recv|recv_into|recvfrom|sendall|accept|connect)\s*\(|\bcreate_connection\s*\("),
      SOCKET_HINT),
-    (re.compile(r"\bopen\s*\(|\.(read|readline|readlines|write|read_text|read_bytes|write_text|"
-                r"write_bytes)\s*\("), FILE_HINT),
+    # (an asyncio transport's or stream writer's write never blocks: it sends what the
+    # socket takes and buffers the rest)
+    (re.compile(r"\bopen\s*\(|(?<!transport)(?<!writer)\.(read|readline|readlines|write|read_text|"
+                r"read_bytes|write_text|write_bytes)\s*\("), FILE_HINT),
 )
 
 _DB_LINE = re.compile(r"\.(execute|executemany|fetchone|fetchall|fetchmany|commit)\s*\(")

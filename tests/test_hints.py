@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import urllib.request
+
+import httpx
 import pytest
+import requests
 
 from loopwatch import Frame
 from loopwatch._hints import (
@@ -38,6 +42,17 @@ def lib(module: str, function: str = "f") -> Frame:
 def test_known_blocking_calls(frames: tuple[Frame, ...], line: str, hint: str) -> None:
     lines = [line] if line else []
     assert hint_for(frames, lines, cpu_bound=False) == hint
+
+
+def test_a_transport_write_is_not_file_io() -> None:
+    """A block inside asyncio's own non-blocking send (the OS took the CPU away from the
+    loop's thread there: seen in CI) gets no hint for blocking file I/O."""
+    frames = (lib("asyncio.selector_events", "_SelectorSocketTransport.write"),
+              lib("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle.send"))
+    lines = ["n = self._sock.send(data)", "self.transport.write(output)"]
+    assert hint_for(frames, lines, cpu_bound=False) is None
+    assert hint_for((USER,), ["writer.write(data)"], cpu_bound=False) is None  # a stream's
+    assert hint_for((USER,), ["log_file.write(line)"], cpu_bound=False) == FILE_HINT
 
 
 def test_async_httpx_client_is_not_called_sync() -> None:
@@ -84,20 +99,14 @@ class _SlowHTTP:
 
 
 def _requests_get(url: str) -> None:
-    import requests
-
     requests.get(url, timeout=5)  # CALL-LINE
 
 
 def _httpx_get(url: str) -> None:
-    import httpx
-
     httpx.get(url, timeout=5)  # CALL-LINE
 
 
 def _urlopen(url: str) -> None:
-    import urllib.request
-
     urllib.request.urlopen(url, timeout=5).read()  # CALL-LINE
 
 
