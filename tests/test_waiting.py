@@ -48,18 +48,28 @@ SCENARIOS: dict[str, tuple[list[str], Callable[[Any], float], bool]] = {
 }
 
 
+def _once_recorded(samples: Callable[[], dict[str, float]], name: str, route: str,
+                   count: int) -> float:
+    """The sum of histogram ``name`` in ``samples()`` (sample name to value), once its count
+    reaches ``count`` (within 5 s)."""
+    deadline = time.monotonic() + 5
+    while (seen := (got := samples()).get(f"{name}_count", 0.0)) < count:
+        assert time.monotonic() < deadline, f"{route}: {seen} of {count} requests recorded"
+        time.sleep(0.02)
+    return got.get(f"{name}_sum", 0.0)
+
+
 def histogram(registry: CollectorRegistry, name: str, route: str, count: int) -> float:
     """The sum of ``name`` for GET ``route``, once ``count`` requests are in."""
     metrics = metrics_for(registry)
     labels = {"method": "GET", "route": route}
-    deadline = time.monotonic() + 5
-    while True:
+
+    def samples() -> dict[str, float]:
         metrics.flush()
-        seen = registry.get_sample_value(f"{name}_count", labels) or 0.0
-        if seen >= count:
-            return registry.get_sample_value(f"{name}_sum", labels) or 0.0
-        assert time.monotonic() < deadline, f"{route}: {seen} of {count} requests recorded"
-        time.sleep(0.02)
+        return {f"{name}_{part}": registry.get_sample_value(f"{name}_{part}", labels) or 0.0
+                for part in ("count", "sum")}
+
+    return _once_recorded(samples, name, route, count)
 
 
 async def send_together(client: httpx.AsyncClient, paths: list[str]) -> None:
@@ -72,14 +82,7 @@ async def send_together(client: httpx.AsyncClient, paths: list[str]) -> None:
 def scraped(url: str, name: str, route: str, count: int) -> float:
     """The sum of ``name`` for GET ``route`` on the server at ``url``'s ``/metrics/``, once
     ``count`` requests are in."""
-    deadline = time.monotonic() + 5
-    while True:
-        got = _scrape(url, route)
-        seen = got.get(f"{name}_count", 0.0)
-        if seen >= count:
-            return got.get(f"{name}_sum", 0.0)
-        assert time.monotonic() < deadline, f"{route}: {seen} of {count} requests recorded"
-        time.sleep(0.02)
+    return _once_recorded(lambda: _scrape(url, route), name, route, count)
 
 
 def check(name: str, timeline: waiting.Timeline, delayed: Callable[[str, int], float]) -> None:
@@ -215,10 +218,8 @@ def test_a_saturated_loop_without_blocks(loop_kind: str) -> None:
     with serve_in_subprocess([*args], port=port, path="/reset") as server:
         queued = _runqueue_wait(server.pid)
         sent = asyncio.run(load())
-        deadline = time.monotonic() + 5
-        while (got := _scrape(url, "/yields")).get(f"{DELAYED}_count", 0) < sent:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        scraped(url, DELAYED, "/yields", sent)
+        got = _scrape(url, "/yields")
         queued = _runqueue_wait(server.pid) - queued
     delayed = got[f"{DELAYED}_sum"]
     duration = got["loopwatch_request_duration_seconds_sum"]
