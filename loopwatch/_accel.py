@@ -1,9 +1,11 @@
-"""The compiled hot path, where it was built: ``loopwatch._ctiming`` and ``loopwatch._crequest``.
+"""The compiled hot path, where it was built: ``loopwatch._ctiming``, ``_crequest``, ``_cfactory``.
 
 * ``_ctiming`` (hand-written C, ``_ctiming.c``) does exactly what :mod:`._hooks` does for
   each loop step, and holds the monitor's per-step fields (:class:`StepState`);
 * ``_crequest`` is :mod:`._request` itself -- the same source -- compiled by Cython, with the
-  types ``_request.pxd`` gives it: the per-request path (:data:`request`).
+  types ``_crequest.pxd`` gives it: the per-request path (:data:`request`);
+* ``_cfactory`` is :mod:`._factory` compiled by Cython: uvloop's task factory, which runs for
+  every task (:data:`task_factories`).
 
 Where they were not built (no compiler or Cython at install time, a Python other than
 CPython), or with ``LOOPWATCH_PURE_PYTHON=1`` in the environment, loopwatch runs the same
@@ -12,21 +14,33 @@ code in pure Python, at a higher cost per step and per request.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import _request
+from . import _factory, _request
 from ._attribution import current_owner
 from ._build import PURE_PYTHON_VAR, ctiming
 
-__all__ = ["HOT_PATH", "PURE_PYTHON_VAR", "StepState", "ctiming", "request"]
+__all__ = [
+    "HOT_PATH", "PURE_PYTHON_VAR", "StepState", "ctiming", "request", "task_factories",
+]
+
+
+def _compiled(name: str, source: Any) -> Any:
+    """The module compiled by Cython from ``source`` (``loopwatch.<name>``), where it was
+    built and the compiled path runs; else ``source`` itself."""
+    if ctiming is None:
+        return source
+    try:
+        return importlib.import_module(f"{__package__}.{name}")
+    except ImportError:  # built without Cython: that module in Python
+        return source
+
 
 #: The per-request path: _request compiled (_crequest), or _request itself.
-request: Any = _request
-if ctiming is not None:
-    try:
-        from . import _crequest as request  # type: ignore[attr-defined, no-redef]
-    except ImportError:  # built without Cython: the per-request path in Python
-        request = _request
+request: Any = _compiled("_crequest", _request)
+#: uvloop's task factory: _factory compiled (_cfactory), or _factory itself.
+task_factories: Any = _compiled("_cfactory", _factory)
 
 if ctiming is not None:
     ctiming.configure(owner_var=current_owner, owner_type=request.RequestOwner)

@@ -12,9 +12,8 @@
  *                   report an exception (which it raises again inside it). To whoever
  *                   inspects it, it is the original function (__code__, __wrapped__ ...).
  *   TimedCoroutine  uvloop: wraps a task's coroutine and times each step through the am_send
- *                   slot, so the C Task keeps its fast path (_hooks.TimedCoroutine)
- *   TaskFactory     uvloop: makes those tasks for plain coroutines while the monitor runs;
- *                   anything else goes to the pure-Python factory (_hooks.make_task_factory)
+ *                   slot, so the C Task keeps its fast path (_hooks.TimedCoroutine); the
+ *                   task factory that makes those tasks is _factory.py, compiled by Cython
  *
  * Before a step (begin_step()): its start, and the loop's run (_waiting.begin_step). After a
  * step (account()): the monitor's busy time, the owner's (the ContextVar of the step's
@@ -73,7 +72,7 @@ static PyObject *owner_var;   /* the ContextVar holding the current owner */
 static PyTypeObject *owner_type; /* another type laid out as OwnerState (configure()) */
 static PyObject *s_on_block, *s_internal_error, *s_accounting, *s_monitor_attr, *s_loop,
     *s_context, *s_callback, *s_args, *s_get, *s_busy, *s_throw, *s_close, *s_await,
-    *s_get_coro, *s_wake_due, *s_context_kw, *s_eager_start_kw, *kw_loop, *kw_loop_context;
+    *s_wake_due;
 
 /* The clock of time.perf_counter(), the one the watchdog thread compares step_start with. */
 #if defined(__linux__)
@@ -965,136 +964,6 @@ static PyTypeObject TimedCoroutineType = {
     .tp_weaklistoffset = offsetof(TimedCoroutine, weakreflist),
 };
 
-/* -- the task factory (uvloop) ----------------------------------------------------------------- */
-
-/* factory(loop, coro): task_type(TimedCoroutine(coro, monitor), loop=loop) for a plain
- * coroutine while the monitor is active, its get_coro shadowed by the TimedCoroutine (which
- * returns the coroutine when called); anything else goes to the pure-Python factory
- * (`fallback`), which handles every case the same way. */
-typedef struct {
-    PyObject_HEAD
-    PyObject *monitor;
-    PyObject *fallback;
-    PyObject *task_type;
-    int shadowing;          /* tasks take get_coro as an instance attribute */
-    vectorcallfunc vectorcall;
-} TaskFactory;
-
-static PyObject *
-tf_vectorcall(TaskFactory *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
-{
-    StepState *state = (StepState *)self->monitor;
-    /* uvloop passes context= (and, from 0.22, eager_start=) with every task, asyncio
-     * context= when given; an eager start, or anything else, goes to the fallback */
-    PyObject *context = Py_None;
-    if (kwnames != NULL) {
-        Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kwnames); i++) {
-            PyObject *name = PyTuple_GET_ITEM(kwnames, i);
-            PyObject *value = args[nargs + i];
-            if (name == s_context_kw || PyUnicode_Compare(name, s_context_kw) == 0) {
-                context = value;
-            }
-            else if ((name == s_eager_start_kw ||
-                      PyUnicode_Compare(name, s_eager_start_kw) == 0) &&
-                     (value == Py_None || value == Py_False)) {
-                continue;
-            }
-            else {
-                PyErr_Clear();
-                return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
-            }
-        }
-    }
-    if (PyVectorcall_NARGS(nargsf) != 2 || !self->shadowing || !state->active ||
-            !PyCoro_CheckExact(args[1])) {
-        return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
-    }
-    PyObject *timed_coro = make_timed(args[1], self->monitor);
-    if (timed_coro == NULL) {
-        return NULL;
-    }
-    PyObject *task_args[3] = {timed_coro, args[0], context};
-    PyObject *task = PyObject_Vectorcall(self->task_type, task_args, 1,
-                                         context == Py_None ? kw_loop : kw_loop_context);
-    if (task != NULL && PyObject_SetAttr(task, s_get_coro, timed_coro) < 0) {
-        /* a Task that takes no instance attribute: the fallback's Task subclass from now
-         * on (this one task shows the wrapper), as the pure-Python factory does */
-        PyErr_Clear();
-        self->shadowing = 0;
-    }
-    Py_DECREF(timed_coro);
-    return task;
-}
-
-static PyObject *
-tf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    PyObject *monitor, *fallback, *task_type;
-    static char *kwlist[] = {"monitor", "fallback", "task_type", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO:TaskFactory", kwlist,
-                                     &StepStateType, &monitor, &fallback, &task_type)) {
-        return NULL;
-    }
-    TaskFactory *self = (TaskFactory *)type->tp_alloc(type, 0);
-    if (self == NULL) {
-        return NULL;
-    }
-    self->monitor = Py_NewRef(monitor);
-    self->fallback = Py_NewRef(fallback);
-    self->task_type = Py_NewRef(task_type);
-    self->shadowing = 1;
-    self->vectorcall = (vectorcallfunc)tf_vectorcall;
-    return (PyObject *)self;
-}
-
-static int
-tf_traverse(TaskFactory *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->monitor);
-    Py_VISIT(self->fallback);
-    Py_VISIT(self->task_type);
-    return 0;
-}
-
-static int
-tf_clear(TaskFactory *self)
-{
-    Py_CLEAR(self->monitor);
-    Py_CLEAR(self->fallback);
-    Py_CLEAR(self->task_type);
-    return 0;
-}
-
-static void
-tf_dealloc(TaskFactory *self)
-{
-    PyObject_GC_UnTrack(self);
-    tf_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static PyMemberDef tf_members[] = {
-    {"fallback", T_OBJECT, offsetof(TaskFactory, fallback), READONLY,
-     "The pure-Python factory, for everything but a plain coroutine."},
-    {NULL},
-};
-
-static PyTypeObject TaskFactoryType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "loopwatch._ctiming.TaskFactory",
-    .tp_doc = "A task factory that times each task's steps (uvloop).",
-    .tp_basicsize = sizeof(TaskFactory),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_new = tf_new,
-    .tp_call = PyVectorcall_Call,
-    .tp_vectorcall_offset = offsetof(TaskFactory, vectorcall),
-    .tp_dealloc = (destructor)tf_dealloc,
-    .tp_traverse = (traverseproc)tf_traverse,
-    .tp_clear = (inquiry)tf_clear,
-    .tp_members = tf_members,
-};
-
 /* -- the module -------------------------------------------------------------------------------- */
 
 /* configure(owner_var=ContextVar, owner_type=None): the ContextVar that holds the current
@@ -1175,13 +1044,6 @@ PyInit__ctiming(void)
     INTERN(s_throw, "throw");
     INTERN(s_close, "close");
     INTERN(s_await, "__await__");
-    INTERN(s_get_coro, "get_coro");
-    INTERN(s_context_kw, "context");
-    INTERN(s_eager_start_kw, "eager_start");
-    if ((kw_loop = Py_BuildValue("(s)", "loop")) == NULL ||
-            (kw_loop_context = Py_BuildValue("(ss)", "loop", "context")) == NULL) {
-        return NULL;
-    }
 #if !defined(__linux__)
     PyObject *time = PyImport_ImportModule("time");
     if (time == NULL) {
@@ -1194,7 +1056,7 @@ PyInit__ctiming(void)
     }
 #endif
     PyTypeObject *types[] = {&StepStateType, &OwnerStateType, &HandleRunType, &ReraiserType,
-                             &TimedCoroutineType, &TaskFactoryType};
+                             &TimedCoroutineType};
     for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
         if (PyType_Ready(types[i]) < 0) {
             return NULL;
@@ -1208,8 +1070,7 @@ PyInit__ctiming(void)
             PyModule_AddObjectRef(module, "OwnerState", (PyObject *)&OwnerStateType) < 0 ||
             PyModule_AddObjectRef(module, "HandleRun", (PyObject *)&HandleRunType) < 0 ||
             PyModule_AddObjectRef(module, "TimedCoroutine",
-                                  (PyObject *)&TimedCoroutineType) < 0 ||
-            PyModule_AddObjectRef(module, "TaskFactory", (PyObject *)&TaskFactoryType) < 0) {
+                                  (PyObject *)&TimedCoroutineType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -15,8 +15,8 @@ error; it never reaches the step.
 
 This module is the one definition of that behaviour. Where the C extension was built
 (:mod:`._accel`), ``_ctiming`` does exactly the same for a fraction of the instructions:
-``handle_run`` for :func:`_timed_run`, ``TimedCoroutine``, ``TaskFactory`` for the factory's
-common case, ``StepState`` for the monitor's per-step fields; the suite runs on both.
+``handle_run`` for :func:`_timed_run`, ``TimedCoroutine``, ``StepState`` for the monitor's
+per-step fields; the suite runs on both. The uvloop task factory is :mod:`._factory`.
 
 A block's way from the blocking line to the metric: these hooks time the step, the monitor
 (:mod:`._monitor`) builds its event with the watchdog's stack (:mod:`._watchdog`), and the
@@ -33,7 +33,7 @@ import types
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
-from ._accel import ctiming
+from ._accel import ctiming, task_factories
 from ._attribution import current_owner
 from ._waiting import begin_step as _begin
 from ._waiting import charge_wait as _charge_wait
@@ -312,46 +312,7 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
         return coro.wrapped() if type(coro) in TIMED_TYPES else coro
 
 
-_CoroutineType = types.CoroutineType
-_AsyncioTask = asyncio.Task
-
-#: Whether a Task takes ``get_coro`` as an instance attribute (see the factory).
-_shadowing = [True]
-
-
 def make_task_factory(monitor: Monitor, previous: Any) -> Any:
-    """A task factory that times each task's steps, then defers to ``previous`` (if any).
-
-    Each task it makes runs a TimedCoroutine, and its ``get_coro()`` still returns the task's
-    own coroutine: the TimedCoroutine, which returns it when called, shadows ``get_coro`` on
-    the task. (Where a Task takes no instance attribute, a subclass of Task is used instead,
-    which leaves the C Task's fast paths.) No type of asyncio's is changed.
-    """
-    shadowing = _shadowing
-    timed_types = TIMED_TYPES
-    make_timed = _timed
-
-    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
-        # Only real coroutines: anything else must reach Task() and fail there, as without us.
-        if monitor.active and (type(coro) is _CoroutineType or (
-                asyncio.iscoroutine(coro) and type(coro) not in timed_types)):
-            timed = make_timed(coro, monitor)
-            if previous is None and shadowing[0]:
-                task = _AsyncioTask(timed, loop=loop, **kwargs)
-                try:
-                    task.get_coro = timed  # type: ignore[method-assign]
-                except AttributeError:
-                    shadowing[0] = False  # this one task shows the wrapper
-                return task
-            coro = timed
-        if previous is not None:
-            return previous(loop, coro, **kwargs)  # type: ignore[no-any-return]
-        if type(coro) in timed_types:
-            return Task(coro, loop=loop, **kwargs)
-        return _AsyncioTask(coro, loop=loop, **kwargs)
-
-    if ctiming is not None and previous is None and make_timed is ctiming.timed:
-        # The C factory does the common case (a plain coroutine, a monitor running) itself
-        # and hands everything else to this one.
-        return ctiming.TaskFactory(monitor, factory, _AsyncioTask)
-    return factory
+    """A task factory that times each task's steps, then defers to ``previous`` (if any): see
+    :mod:`._factory` (compiled as ``_cfactory`` where built)."""
+    return task_factories.make_task_factory(monitor, previous, _timed, TIMED_TYPES, Task)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
+import inspect
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from loopwatch import _hooks
+from loopwatch import _accel, _factory, _hooks, _request
 from loopwatch._accel import StepState, ctiming
 from loopwatch._attribution import Owner, current_owner
 from loopwatch._waiting import IDLE_GAP, LOOK_AFTER, wake_due
@@ -48,10 +49,14 @@ def test_the_extension_is_built_and_in_use() -> None:
     pure-Python run, which asks for the pure-Python path."""
     if PURE:
         assert ctiming is None and _hooks._timed_run is _hooks._py_timed_run
+        assert _accel.request is _request and _accel.task_factories is _factory
         return
     c = _c()
     assert _hooks._timed is c.timed
     assert isinstance(_hooks._timed_run, c.HandleRun)
+    # the Cython-compiled request path and task factory (built from the same sources)
+    assert _accel.request.__name__ == "loopwatch._crequest"
+    assert _accel.task_factories.__name__ == "loopwatch._cfactory"
 
 
 class FakeMonitor(StepState):  # type: ignore[misc, valid-type]
@@ -478,16 +483,26 @@ def test_c_handle_hook_looks_like_the_function_it_replaces() -> None:
 # -- the task factory (uvloop) -----------------------------------------------------------------
 
 
-def test_c_task_factory_times_plain_coroutines_and_defers_the_rest() -> None:
-    c = _c()
+def _factories(build: str) -> Any:
+    """The task factory's module: its source (``python``) or that source compiled."""
+    if build == "python":
+        return _factory
+    if _accel.task_factories is _factory:
+        if PURE:
+            pytest.skip("the pure-Python run: the compiled build is tested in the compiled run")
+        missing("loopwatch._cfactory was not built (no Cython at install time?)")
+    return _accel.task_factories
+
+
+@pytest.mark.parametrize("build", ["python", "compiled"])
+def test_the_task_factory_times_plain_coroutines_and_passes_the_rest_on(build: str) -> None:
+    factories = _factories(build)
     monitor = FakeMonitor()
-    deferred: list[Any] = []
+    passed: list[tuple[Any, dict[str, Any]]] = []
 
-    def fallback(loop: Any, coro: Any, **kwargs: Any) -> Any:
-        deferred.append(coro)
+    def previous(loop: Any, coro: Any, **kwargs: Any) -> Any:
+        passed.append((coro, kwargs))
         return asyncio.Task(coro, loop=loop, **kwargs)
-
-    factory = c.TaskFactory(monitor, fallback, asyncio.Task)
 
     async def child() -> int:
         await asyncio.sleep(0)
@@ -495,76 +510,75 @@ def test_c_task_factory_times_plain_coroutines_and_defers_the_rest() -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        factory = factories.make_task_factory(
+            monitor, None, _hooks._timed, _hooks.TIMED_TYPES, _hooks.Task)
         coro = child()
         task = factory(loop, coro)
+        assert type(task._coro) in _hooks.TIMED_TYPES  # type: ignore[attr-defined]
         assert task.get_coro() is coro  # the task's own coroutine, not the wrapper
         assert await task == 5
         if sys.version_info >= (3, 11):  # create_task(context=...) is 3.11's
-            task = factory(loop, child(), context=contextvars.copy_context())
+            ctx = contextvars.copy_context()
+            task = factory(loop, child(), context=ctx)
+            assert task.get_context() is ctx
             assert await task == 5
-        # uvloop 0.22+ passes eager_start=None with every task: the C path too.
-        task = factory(loop, child(), context=None, eager_start=None)
-        assert await task == 5
-        assert deferred == []
-        if sys.version_info >= (3, 12):  # an eager start: the fallback, which passes it on
-            eager = child()
-            assert await factory(loop, eager, eager_start=True) == 5
-            assert deferred == [eager]
-            deferred.clear()
-        monitor.active = False  # a stopped monitor: the fallback, which passes through
+        if sys.version_info >= (3, 12):  # uvloop 0.22+ passes eager_start= with every task
+            assert await factory(loop, child(), context=None, eager_start=None) == 5
+            eager = factory(loop, child(), eager_start=True)
+            # started in the constructor: suspended at its first await
+            assert inspect.getcoroutinestate(eager.get_coro()) == inspect.CORO_SUSPENDED
+            assert await eager == 5
+        # Anything but a coroutine reaches Task() and fails there, as without loopwatch.
+        with pytest.raises(TypeError):
+            factory(loop, iter(()))
+        # A factory before ours gets the wrapper, and the rest of what it was given.
+        chained = factories.make_task_factory(
+            monitor, previous, _hooks._timed, _hooks.TIMED_TYPES, _hooks.Task)
+        ctx = contextvars.copy_context()
+        assert await chained(loop, child(), context=ctx) == 5
+        assert [(type(c) in _hooks.TIMED_TYPES, k) for c, k in passed] == [
+            (True, {"context": ctx})]
+        # A stopped monitor: the coroutine as it came, untimed.
+        monitor.active = False
         other = child()
-        assert await factory(loop, other) == 5
-        assert deferred == [other]
+        assert await chained(loop, other) == 5
+        assert passed[-1] == (other, {})
+        task = factory(loop, child())
+        assert type(task._coro) is types.CoroutineType  # type: ignore[attr-defined]
+        assert await task == 5
 
     asyncio.run(main())
     assert monitor.busy > 0
 
 
-def test_uvloops_own_create_task_takes_the_c_factory() -> None:
-    """Whatever uvloop's create_task passes to the factory (context=, eager_start=), a plain
-    coroutine's task is made by the C factory, not by the Python fallback (uvloop 0.22 began
-    to pass eager_start=, which sent every task to the fallback: 10x the cost per task)."""
-    _c()
+def test_uvloops_own_create_task_makes_timed_tasks() -> None:
+    """Whatever uvloop's create_task passes to the factory (context=, and from 0.22
+    eager_start=), a plain coroutine's task runs it timed and shows it as its own."""
     import uvloop
 
     import loopwatch
 
-    fallback_calls: list[str] = []
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        if event == "call" and frame.f_code is fallback_code:
-            fallback_calls.append(event)
-
     async def child() -> int:
+        await asyncio.sleep(0)
         return 5
 
     async def main() -> None:
         monitor = loopwatch.Monitor(log_blocks=False).start()
-        assert type(asyncio.get_running_loop().get_task_factory()) is ctiming.TaskFactory
-        sys.setprofile(profile)
         try:
-            for _ in range(3):
-                assert await asyncio.get_running_loop().create_task(child()) == 5
-                assert await asyncio.create_task(child()) == 5
+            for make in (asyncio.get_running_loop().create_task, asyncio.create_task):
+                coro = child()
+                task = make(coro)
+                assert type(task._coro) in _hooks.TIMED_TYPES  # type: ignore[attr-defined]
+                assert task.get_coro() is coro
+                assert await task == 5
         finally:
-            sys.setprofile(None)
-        monitor.stop()
+            monitor.stop()
 
-    fallback_code = _fallback_code()
     loop = uvloop.new_event_loop()
     try:
         loop.run_until_complete(main())
     finally:
         loop.close()
-    assert fallback_calls == []
-
-
-def _fallback_code() -> Any:
-    """The code object of the pure-Python factory that the C factory falls back to."""
-    for const in _hooks.make_task_factory.__code__.co_consts:
-        if isinstance(const, types.CodeType) and const.co_name == "factory":
-            return const
-    raise AssertionError("no factory in make_task_factory")
 
 
 def test_no_asyncio_type_is_changed() -> None:

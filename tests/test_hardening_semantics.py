@@ -146,13 +146,12 @@ def test_create_task_refuses_what_is_not_a_coroutine_as_before(loop_kind: str) -
 def test_task_get_coro_returns_the_coroutine_as_before(
     loop_kind: str, shadowing: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On uvloop the factory's tasks run loopwatch's wrapper: with the C extension,
-    ``asyncio.Task.get_coro`` itself unwraps it; without, the factory shadows ``get_coro``
-    on each task, and where a Python's Task would not take that, a Task subclass does it
-    (forced here)."""
-    from loopwatch import _hooks
+    """On uvloop the factory's tasks run loopwatch's wrapper: the factory shadows
+    ``get_coro`` on each task, and where a Python's Task would not take that, a Task
+    subclass does it (forced here, in the factory that runs: compiled or not)."""
+    from loopwatch import _accel
 
-    monkeypatch.setattr(_hooks, "_shadowing", [shadowing])
+    monkeypatch.setattr(_accel.task_factories, "_shadowing", [shadowing])
 
     async def probe() -> Any:
         async def work() -> int:
