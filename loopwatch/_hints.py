@@ -85,6 +85,10 @@ _LINE_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
                 r"read_bytes|write_text|write_bytes)\s*\("), FILE_HINT),
 )
 
+# The event loop's and the server's own modules: their lines are how they read and send
+# (an SSL object's read, a transport's write), never the call the user should replace.
+_MACHINERY = frozenset({"asyncio", "uvloop", "uvicorn"})
+
 _DB_LINE = re.compile(r"\.(execute|executemany|fetchone|fetchall|fetchmany|commit)\s*\(")
 _MONGO_LINE = re.compile(r"\.(find|find_one|insert_one|insert_many|update_one|aggregate)\s*\(")
 
@@ -105,7 +109,9 @@ def hint_for(frames: Sequence[Frame], lines: Sequence[str], cpu_bound: bool) -> 
         hint = _module_hint(frame)
         if hint is not None:
             return hint
-    for text in lines[:2]:
+    for frame, text in zip(frames, lines[:2], strict=False):  # lines: the innermost few
+        if frame.module.partition(".")[0] in _MACHINERY:
+            continue
         if _DB_LINE.search(text) and ("psycopg2" in sys.modules or "psycopg" in sys.modules):
             return PSYCOPG2_HINT
         if _MONGO_LINE.search(text) and "pymongo" in sys.modules:

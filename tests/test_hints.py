@@ -55,6 +55,23 @@ def test_a_transport_write_is_not_file_io() -> None:
     assert hint_for((USER,), ["log_file.write(line)"], cpu_bound=False) == FILE_HINT
 
 
+def test_the_loops_and_the_servers_own_lines_get_no_line_hint() -> None:
+    """A long step inside asyncio's or the server's own code (decrypting a large TLS record,
+    the OS holding the thread in a send) is not hinted from their source lines: an SSL
+    object's read is not blocking file I/O."""
+    reading = (lib("asyncio.sslproto", "SSLProtocol._do_read__copied"),
+               lib("asyncio.sslproto", "SSLProtocol._do_read"))
+    lines = ["chunk = self._sslobj.read(self.max_size)", "self._do_read__copied()"]
+    assert hint_for(reading, lines, cpu_bound=False) is None
+    assert hint_for(reading, lines, cpu_bound=True) == CPU_HINT
+    writing = (lib("asyncio.sslproto", "SSLProtocol._do_write"),
+               lib("asyncio.sslproto", "SSLProtocol._write_appdata"))
+    assert hint_for(writing, ["count = self._sslobj.write(data)", "self._do_write()"],
+                    cpu_bound=False) is None
+    # the user's own line still counts
+    assert hint_for((USER,), ["data = fh.read()"], cpu_bound=False) == FILE_HINT
+
+
 def test_async_httpx_client_is_not_called_sync() -> None:
     frames = (lib("httpx._client", "AsyncClient.send"), USER)
     assert hint_for(frames, ["x = compute()"], cpu_bound=False) is None
