@@ -564,6 +564,9 @@ def test_uvloops_own_create_task_makes_timed_tasks() -> None:
 
     async def main() -> None:
         monitor = loopwatch.Monitor(log_blocks=False).start()
+        # the factory of the build that runs (compiled where built)
+        factory = asyncio.get_running_loop().get_task_factory()
+        assert factory.__module__ == _accel.task_factories.__name__  # type: ignore[union-attr]
         try:
             for make in (asyncio.get_running_loop().create_task, asyncio.create_task):
                 coro = child()
