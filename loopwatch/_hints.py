@@ -85,8 +85,9 @@ _LINE_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
                 r"read_bytes|write_text|write_bytes)\s*\("), FILE_HINT),
 )
 
-# The event loop's and the server's own modules: their lines are how they read and send
-# (an SSL object's read, a transport's write), never the call the user should replace.
+# The event loop's and the server's own modules: what runs inside them (asyncio's TLS through
+# ssl.SSLObject, a transport's send) is how they read and send, never a call the user should
+# replace.
 _MACHINERY = frozenset({"asyncio", "uvloop", "uvicorn"})
 
 _DB_LINE = re.compile(r"\.(execute|executemany|fetchone|fetchall|fetchmany|commit)\s*\(")
@@ -109,9 +110,9 @@ def hint_for(frames: Sequence[Frame], lines: Sequence[str], cpu_bound: bool) -> 
         hint = _module_hint(frame)
         if hint is not None:
             return hint
-    for frame, text in zip(frames, lines[:2], strict=False):  # lines: the innermost few
-        if frame.module.partition(".")[0] in _MACHINERY:
-            continue
+    if _in_machinery(frames):
+        return CPU_HINT if cpu_bound else None
+    for text in lines[:2]:
         if _DB_LINE.search(text) and ("psycopg2" in sys.modules or "psycopg" in sys.modules):
             return PSYCOPG2_HINT
         if _MONGO_LINE.search(text) and "pymongo" in sys.modules:
@@ -125,6 +126,17 @@ def hint_for(frames: Sequence[Frame], lines: Sequence[str], cpu_bound: bool) -> 
     if cpu_bound:
         return CPU_HINT
     return None
+
+
+def _in_machinery(frames: Sequence[Frame]) -> bool:
+    """Whether the innermost frames, before any of the user's code, reach the loop's or the
+    server's own (see _MACHINERY): the block is in their work, not in a call of the user's."""
+    for frame in frames:
+        if frame.module.partition(".")[0] in _MACHINERY:
+            return True
+        if not frame.is_library:
+            return False
+    return False
 
 
 def _called_libraries(frames: Sequence[Frame]) -> list[Frame]:

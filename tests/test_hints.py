@@ -57,17 +57,21 @@ def test_a_transport_write_is_not_file_io() -> None:
 
 def test_the_loops_and_the_servers_own_lines_get_no_line_hint() -> None:
     """A long step inside asyncio's or the server's own code (decrypting a large TLS record,
-    the OS holding the thread in a send) is not hinted from their source lines: an SSL
-    object's read is not blocking file I/O."""
-    reading = (lib("asyncio.sslproto", "SSLProtocol._do_read__copied"),
-               lib("asyncio.sslproto", "SSLProtocol._do_read"))
-    lines = ["chunk = self._sslobj.read(self.max_size)", "self._do_read__copied()"]
+    the OS holding the thread in a send), with no code of the user's inside it, has no call
+    of the user's to replace: an SSL object's read there is not blocking file I/O."""
+    # the stacks as the watchdog takes them: innermost ssl.SSLObject's own Python frame
+    reading = (lib("ssl", "SSLObject.read"),
+               lib("asyncio.sslproto", "SSLProtocol._do_read__copied"),
+               lib("asyncio.sslproto", "SSLProtocol._do_read"),
+               lib("asyncio.events", "Handle._run"))
+    lines = ["v = self._sslobj.read(len)", "chunk = self._sslobj.read(self.max_size)",
+             "self._do_read__copied()"]
     assert hint_for(reading, lines, cpu_bound=False) is None
     assert hint_for(reading, lines, cpu_bound=True) == CPU_HINT
-    writing = (lib("asyncio.sslproto", "SSLProtocol._do_write"),
+    writing = (lib("ssl", "SSLObject.write"), lib("asyncio.sslproto", "SSLProtocol._do_write"),
                lib("asyncio.sslproto", "SSLProtocol._write_appdata"))
-    assert hint_for(writing, ["count = self._sslobj.write(data)", "self._do_write()"],
-                    cpu_bound=False) is None
+    assert hint_for(writing, ["return self._sslobj.write(data)",
+                              "count = self._sslobj.write(data)"], cpu_bound=False) is None
     # the user's own line still counts
     assert hint_for((USER,), ["data = fh.read()"], cpu_bound=False) == FILE_HINT
 
