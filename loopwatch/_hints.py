@@ -90,6 +90,9 @@ _LINE_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
 # replace.
 _MACHINERY = frozenset({"asyncio", "uvloop", "uvicorn"})
 
+# The standard library's modules whose frames are a socket's calls.
+_SOCKET_MODULES = frozenset({"socket", "ssl", "selectors"})
+
 _DB_LINE = re.compile(r"\.(execute|executemany|fetchone|fetchall|fetchmany|commit)\s*\(")
 _MONGO_LINE = re.compile(r"\.(find|find_one|insert_one|insert_many|update_one|aggregate)\s*\(")
 
@@ -112,7 +115,11 @@ def hint_for(frames: Sequence[Frame], lines: Sequence[str], cpu_bound: bool) -> 
             return hint
     if _in_machinery(frames):
         return CPU_HINT if cpu_bound else None
-    for text in lines[:2]:
+    for i, text in enumerate(lines[:2]):
+        if i < len(frames) and frames[i].module in _SOCKET_MODULES:
+            # socket.py's and ssl.py's own lines wrap the socket's C calls: an SSL socket's
+            # recv is `self._sslobj.read(len)`, a socket's read, not a file's
+            return SOCKET_HINT
         if _DB_LINE.search(text) and ("psycopg2" in sys.modules or "psycopg" in sys.modules):
             return PSYCOPG2_HINT
         if _MONGO_LINE.search(text) and "pymongo" in sys.modules:
@@ -121,7 +128,7 @@ def hint_for(frames: Sequence[Frame], lines: Sequence[str], cpu_bound: bool) -> 
             if pattern.search(text):
                 return hint
     for frame in frames:
-        if frame.module in ("socket", "ssl", "selectors"):
+        if frame.module in _SOCKET_MODULES:
             return SOCKET_HINT
     if cpu_bound:
         return CPU_HINT

@@ -26,6 +26,7 @@ system_packages=(
     "prometheus-alertmanager:prometheus-alertmanager"
     "chromium:chromium"
     "wrk:wrk"
+    "openssl:openssl"
 )
 
 if [ "${1:-}" = "--system" ]; then

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
 import urllib.request
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +21,7 @@ from loopwatch._hints import (
     SLEEP_HINT, SOCKET_HINT, SUBPROCESS_HINT, hint_for,
 )
 from tests.events import of_code
+from tests.needs import missing
 
 USER = Frame("/app/routes.py", 10, "handler", "app.routes")
 
@@ -165,3 +173,76 @@ def test_the_hint_names_the_library_the_code_called(run: object, call: object, h
     line = first + next(i for i, text in enumerate(source) if "# CALL-LINE" in text)
     assert event.location == f"{__file__}:{line}", event.frames[:6]
     assert event.hint is not None and (event.hint == hint or hint in event.hint), event.hint
+
+
+class _SlowTLS:
+    """A real TLS server on loopback (a throwaway self-signed certificate) that answers one
+    connection's first read after 200 ms."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            missing("openssl (to make the test server's certificate)")
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                       check=True, capture_output=True)
+        self.cert = str(cert)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = self.listener.accept()
+            with context.wrap_socket(conn, server_side=True) as tls:
+                time.sleep(0.2)
+                tls.sendall(b"hello")
+                tls.recv(1)  # until the client closes
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+
+    def connect(self) -> ssl.SSLSocket:
+        context = ssl.create_default_context(cafile=self.cert)
+        return context.wrap_socket(socket.create_connection(("127.0.0.1", self.port), timeout=5),
+                                   server_hostname="localhost")
+
+    def close(self) -> None:
+        self.thread.join(5)
+        self.listener.close()
+
+
+def test_a_blocking_read_of_a_tls_socket_is_a_socket_call(run: object, tmp_path: Path) -> None:
+    """An app (or a library with no rule of its own: smtplib, a sync Redis client over TLS)
+    blocked reading a TLS socket: ssl.py's own line, `self._sslobj.read(len)`, is innermost,
+    and it is a socket's read, not blocking file I/O."""
+    import asyncio
+    import inspect
+
+    import loopwatch
+
+    server = _SlowTLS(tmp_path)
+    tls = server.connect()
+    try:
+        async def main() -> loopwatch.Watch:
+            async with loopwatch.watch(log_blocks=False) as w:
+                async def handler() -> None:
+                    assert tls.recv(1024) == b"hello"  # CALL-LINE
+
+                await asyncio.create_task(handler())
+            return w
+
+        w = run(main())  # type: ignore[operator]
+    finally:
+        tls.close()
+        server.close()
+    blocks = of_code(w.blocks)
+    assert len(blocks) == 1
+    event = blocks[0]
+    assert event.stack_status == "sampled"
+    assert event.frames[0].module == "ssl", event.frames[:4]
+    assert event.hint == SOCKET_HINT, (event.hint, event.frames[:4])
+    source, first = inspect.getsourcelines(main)
+    line = first + next(i for i, text in enumerate(source) if "# CALL-LINE" in text)
+    assert event.location == f"{__file__}:{line}", event.frames[:4]
