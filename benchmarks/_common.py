@@ -135,22 +135,45 @@ def command_line() -> str:
 
 # -- servers and HTTP -------------------------------------------------------------------
 
-async def http_get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
-    """One GET on a fresh connection: status and body (read by Content-Length)."""
+async def http_get(port: int, path: str, timeout: float | None = 30.0,
+                   headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
+    """One GET on a fresh connection to 127.0.0.1:``port``: the status and the body.
+
+    The body is read by its Content-Length, or its chunks, not to the end of the stream: a
+    blocked loop sends a response at once but closes the connection only when it next gets a
+    turn. ``timeout`` None: no limit of its own (a load generator's request)."""
     async def go() -> tuple[int, bytes]:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-                         .encode())
+            lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+            lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
             fields = dict(line.lower().split(": ", 1) for line in head[1:] if ": " in line)
             length = fields.get("content-length")
-            body = await (reader.readexactly(int(length)) if length else reader.read())
+            if length:
+                body = await reader.readexactly(int(length))
+            elif fields.get("transfer-encoding") == "chunked":
+                body = await _read_chunks(reader)
+            else:
+                body = await reader.read()
         finally:
             writer.close()
         return int(head[0].split()[1]), body
 
-    return await asyncio.wait_for(go(), timeout)
+    return await (go() if timeout is None else asyncio.wait_for(go(), timeout))
+
+
+async def _read_chunks(reader: asyncio.StreamReader) -> bytes:
+    """A chunked body (RFC 9112, 7.1), without trailers."""
+    parts = []
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            return b"".join(parts)
+        parts.append(await reader.readexactly(size))
+        await reader.readexactly(2)
 
 
 def http_get_sync(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:

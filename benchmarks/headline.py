@@ -54,7 +54,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from harness.servers import free_port
 
 from ._common import OUT as OUT_DIR
-from ._common import ROOT
+from ._common import ROOT, http_get
 from ._results import Headline, read
 
 
@@ -64,23 +64,8 @@ KEEPALIVE = 20
 
 
 async def get(port: int, path: str, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
-    """One GET on a fresh connection to 127.0.0.1:``port``; the status and the body.
-
-    The body is read by its Content-Length, not to the end of the stream: a blocked loop
-    sends a response at once but closes the connection only when it next gets a turn.
-    """
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
-        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        fields = dict(line.lower().split(": ", 1) for line in head[1:] if ": " in line)
-        length = fields.get("content-length")
-        body = await (reader.readexactly(int(length)) if length else reader.read())
-    finally:
-        writer.close()
-    return int(head[0].split()[1]), body
+    """One GET on a fresh connection to 127.0.0.1:``port``, with no time limit of its own."""
+    return await http_get(port, path, timeout=None, headers=headers)
 
 
 def get_sync(port: int, path: str) -> tuple[int, bytes]:
