@@ -115,11 +115,11 @@ def hint_for(frames: Sequence[Frame], lines: Sequence[str], cpu_bound: bool) -> 
             return hint
     if _in_machinery(frames):
         return CPU_HINT if cpu_bound else None
-    for i, text in enumerate(lines[:2]):
-        if i < len(frames) and frames[i].module in _SOCKET_MODULES:
-            # socket.py's and ssl.py's own lines wrap the socket's C calls: an SSL socket's
-            # recv is `self._sslobj.read(len)`, a socket's read, not a file's
-            return SOCKET_HINT
+    if frames and frames[0].module in _SOCKET_MODULES:
+        # socket.py's and ssl.py's own lines wrap the socket's C calls: an SSL socket's
+        # recv is `self._sslobj.read(len)`, a socket's read, not a file's
+        return SOCKET_HINT
+    for text in lines[:2]:
         if _DB_LINE.search(text) and ("psycopg2" in sys.modules or "psycopg" in sys.modules):
             return PSYCOPG2_HINT
         if _MONGO_LINE.search(text) and "pymongo" in sys.modules:

@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from loopwatch import Frame
+from loopwatch._stacks import MAX_FRAMES
 from loopwatch._hints import (
     CPU_HINT, FILE_HINT, HTTPX_SYNC_HINT, PSYCOPG2_HINT, PYMONGO_HINT, REQUESTS_HINT,
     SLEEP_HINT, SOCKET_HINT, SUBPROCESS_HINT, hint_for,
@@ -148,7 +149,6 @@ def test_the_hint_names_the_library_the_code_called(run: object, call: object, h
     """requests.get blocks deep inside http.client and socket; the hint is the one for
     requests (it was urllib's), and the location is the line that called it."""
     import asyncio
-    import inspect
 
     import loopwatch
 
@@ -169,9 +169,7 @@ def test_the_hint_names_the_library_the_code_called(run: object, call: object, h
     assert len(blocks) == 1
     event = blocks[0]
     assert event.stack_status == "sampled"
-    source, first = inspect.getsourcelines(call)  # type: ignore[arg-type]
-    line = first + next(i for i, text in enumerate(source) if "# CALL-LINE" in text)
-    assert event.location == f"{__file__}:{line}", event.frames[:6]
+    assert event.location == _call_line(call), event.frames[:6]
     assert event.hint is not None and (event.hint == hint or hint in event.hint), event.hint
 
 
@@ -213,12 +211,13 @@ class _SlowTLS:
         self.listener.close()
 
 
-def test_a_blocking_read_of_a_tls_socket_is_a_socket_call(run: object, tmp_path: Path) -> None:
+@pytest.mark.parametrize("depth", [1, MAX_FRAMES])
+def test_a_blocking_read_of_a_tls_socket_is_a_socket_call(run: object, tmp_path: Path,
+                                                          depth: int) -> None:
     """An app (or a library with no rule of its own: smtplib, a sync Redis client over TLS)
     blocked reading a TLS socket: ssl.py's own line, `self._sslobj.read(len)`, is innermost,
-    and it is a socket's read, not blocking file I/O."""
+    and it is a socket's read, not blocking file I/O -- also when only that frame is kept."""
     import asyncio
-    import inspect
 
     import loopwatch
 
@@ -226,7 +225,7 @@ def test_a_blocking_read_of_a_tls_socket_is_a_socket_call(run: object, tmp_path:
     tls = server.connect()
     try:
         async def main() -> loopwatch.Watch:
-            async with loopwatch.watch(log_blocks=False) as w:
+            async with loopwatch.watch(log_blocks=False, stack_depth=depth) as w:
                 async def handler() -> None:
                     assert tls.recv(1024) == b"hello"  # CALL-LINE
 
@@ -243,6 +242,13 @@ def test_a_blocking_read_of_a_tls_socket_is_a_socket_call(run: object, tmp_path:
     assert event.stack_status == "sampled"
     assert event.frames[0].module == "ssl", event.frames[:4]
     assert event.hint == SOCKET_HINT, (event.hint, event.frames[:4])
-    source, first = inspect.getsourcelines(main)
-    line = first + next(i for i, text in enumerate(source) if "# CALL-LINE" in text)
-    assert event.location == f"{__file__}:{line}", event.frames[:4]
+    if depth == MAX_FRAMES:
+        assert event.location == _call_line(main), event.frames[:4]
+
+
+def _call_line(fn: object) -> str:
+    """file:line of the line marked ``# CALL-LINE`` in ``fn``'s source."""
+    import inspect
+
+    source, first = inspect.getsourcelines(fn)  # type: ignore[arg-type]
+    return f"{__file__}:{first + next(i for i, t in enumerate(source) if '# CALL-LINE' in t)}"
